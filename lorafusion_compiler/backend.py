@@ -1,0 +1,66 @@
+"""The ``lorafusion`` torch.compile backend.
+
+``torch.compile(model, backend="lorafusion", options={...})`` finds this function through
+the ``torch_dynamo_backends`` entry point. Per Dynamo graph it:
+
+1. matches LoRA sites (``passes.lora_pattern``),
+2. rewrites them into ``torch.ops.lorafusion.lora_linear`` (``passes.rewrite``),
+3. reports them (``report``) and optionally dumps kernel sources (``dump``),
+4. hands the rewritten graph to the inner backend (Inductor by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .config import LoRAFusionConfig
+from .passes.lora_pattern import LoRASite, find_lora_sites
+from .passes.rewrite import rewrite_lora_sites
+from .report import publish
+
+__all__ = ["lorafusion_backend", "kernel_set_for"]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernel_set_for(site: LoRASite, config: LoRAFusionConfig) -> str:
+    """``"triton"`` or ``"torch"`` for one site, following ``config.kernels``."""
+    if config.kernels != "auto":
+        return config.kernels
+    x = site.nodes.x.meta.get("example_value")
+    on_cuda = x is not None and x.device.type == "cuda"
+    dtypes_ok = site.dtype in _TRITON_DTYPES and site.adapter_dtype in _TRITON_DTYPES
+    return "triton" if on_cuda and dtypes_ok and _triton_available() else "torch"
+
+
+def lorafusion_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None
+) -> Callable[..., Any]:
+    """Dynamo backend: rewrite LoRA sites of ``gm``, then compile it with the inner backend."""
+    config = LoRAFusionConfig.from_options(options)
+    result = find_lora_sites(gm)
+    kernels = [kernel_set_for(site, config) for site in result.sites]
+    if config.rewrite and result.sites:
+        rewrite_lora_sites(gm, result.sites, kernels, deterministic=config.deterministic)
+    publish(result.sites, result.skipped, kernels)
+    if config.dump_dir:
+        from .dump import dump_kernels
+
+        dump_kernels(config.dump_dir, result.sites, kernels)
+    if config.inner_backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(example_inputs))
+    return torch._dynamo.lookup_backend(config.inner_backend)(gm, example_inputs)

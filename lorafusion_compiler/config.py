@@ -1,0 +1,84 @@
+"""The one configuration of the ``lorafusion`` backend.
+
+``torch.compile(model, backend="lorafusion", options={...})`` maps ``options`` onto
+:class:`LoRAFusionConfig`. Each field can also be set by an environment variable
+``LORAFUSION_<FIELD>`` (e.g. ``LORAFUSION_DUMP_DIR=/tmp/k``); precedence is
+options > environment > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LoRAFusionConfig", "KERNEL_CHOICES"]
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAFusionConfig:
+    """Options of the ``lorafusion`` torch.compile backend."""
+
+    inner_backend: str = "inductor"
+    """Backend that compiles the rewritten graph: ``"inductor"`` (default), ``"aot_eager"``,
+    ``"eager"`` or any name ``torch._dynamo.list_backends()`` knows."""
+
+    kernels: str = "auto"
+    """Who computes the LoRA kernels: ``"triton"`` (generated Triton kernels; on a CPU only
+    under ``TRITON_INTERPRET=1``), ``"torch"`` (the reference ops), or ``"auto"``: Triton for
+    CUDA tensors of fp16/bf16/fp32 when Triton imports, torch otherwise."""
+
+    rewrite: bool = True
+    """Rewrite matched LoRA sites. False only analyses (explain still lists the sites)."""
+
+    dump_dir: str | None = None
+    """If set, every generated kernel's source and a ``manifest.json`` (site -> kernels,
+    specialization key) are written into this directory."""
+
+    deterministic: bool = False
+    """Avoid atomics in the backward kernels so adapter gradients are bitwise reproducible."""
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={self.kernels!r} is not one of {KERNEL_CHOICES}")
+        if not isinstance(self.inner_backend, str) or not self.inner_backend:
+            raise ValueError(f"inner_backend={self.inner_backend!r} must be a backend name such as 'inductor'")
+        for name in ("rewrite", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None) -> "LoRAFusionConfig":
+        """Build the config from ``torch.compile`` options, falling back to ``LORAFUSION_*`` variables."""
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown lorafusion option(s) {unknown}; valid options are {sorted(fields)}")
+        values: dict[str, Any] = {}
+        for name, field in fields.items():
+            env_name = f"LORAFUSION_{name.upper()}"
+            if name in options:
+                values[name] = options[name]
+            elif env_name in environ:
+                values[name] = _parse_env(env_name, environ[env_name], field.default)
+        return cls(**values)
+
+
+def _parse_env(env_name: str, raw: str, default: Any) -> Any:
+    """Parse an environment string into the type of the field's default."""
+    if isinstance(default, bool):
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError(f"{env_name}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
+    return raw or None if default is None else raw

@@ -1,0 +1,92 @@
+"""The dropout keep-mask, defined once, as a pure function of (seed, element offset).
+
+Every implementation (the torch reference here, the Triton kernels in ``codegen``)
+derives the mask from the same recipe, so a mask is never stored and the torch
+reference reproduces a GPU kernel's mask bit for bit:
+
+* element ``(i, j)`` of a row-major ``[M, K]`` activation has offset ``o = i*K + j``;
+* ``q = o // 8`` is the Philox-4x32-10 counter (``c0 = q mod 2**32``, ``c1 = q >> 32``,
+  ``c2 = c3 = 0``) and the int64 seed is the key (``k0`` = low, ``k1`` = high 32 bits),
+  exactly as Triton's ``tl.randint4x(seed, q)``;
+* the four 32-bit words give eight 16-bit lanes; lane ``o % 8`` is
+  ``(word[lane // 2] >> (16 * (lane % 2))) & 0xFFFF``;
+* the element is kept when that lane ``>= drop_threshold(p) = round(p * 65536)``.
+
+So the realised drop probability is ``round(p * 65536) / 65536`` (within 7.7e-6 of p),
+and one Philox call serves eight elements.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["LANES_PER_COUNTER", "drop_threshold", "philox4x32", "keep_mask"]
+
+LANES_PER_COUNTER = 8
+"""Dropout decisions drawn from one Philox-4x32 call (eight 16-bit lanes)."""
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+
+
+def drop_threshold(p: float) -> int:
+    """Integer threshold in [0, 65536): a 16-bit lane below it means "drop"."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p={p!r} is outside [0, 1)")
+    return int(round(p * 65536))
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a*b >> 32, a*b mod 2**32) for a 32-bit constant a and uint32 values b held in int64."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2**48: exact in int64
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox4x32(seed: torch.Tensor, counter: torch.Tensor, rounds: int = 10) -> list[torch.Tensor]:
+    """Philox-4x32 on counters ``(counter lo, counter hi, 0, 0)`` keyed by an int64 seed.
+
+    Args:
+        seed: int64 tensor with one element (on any device).
+        counter: int64 tensor of non-negative counters, any shape.
+    Returns:
+        The four output words, each an int64 tensor shaped like ``counter`` with
+        values in [0, 2**32), equal to Triton's ``tl.randint4x(seed, counter)``.
+    """
+    seed = seed.reshape(()).to(torch.int64)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = counter & _MASK32
+    c1 = (counter >> 32) & _MASK32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return [c0, c1, c2, c3]
+
+
+def keep_mask(seed: torch.Tensor, p: float, rows: int, cols: int, *, device: torch.device | None = None) -> torch.Tensor:
+    """The ``[rows, cols]`` boolean keep-mask of dropout probability ``p`` for ``seed``.
+
+    ``p == 0`` keeps everything (no random numbers are drawn).
+    """
+    threshold = drop_threshold(p)
+    device = seed.device if device is None else device
+    if threshold == 0:
+        return torch.ones(rows, cols, dtype=torch.bool, device=device)
+    n = rows * cols
+    n_counters = -(-n // LANES_PER_COUNTER)
+    counter = torch.arange(n_counters, dtype=torch.int64, device=device)
+    words = torch.stack(philox4x32(seed.to(device), counter), dim=-1)  # [n_counters, 4]
+    lanes = torch.stack([words & 0xFFFF, words >> 16], dim=-1)  # [n_counters, 4, 2]
+    lanes = lanes.reshape(-1)[:n].reshape(rows, cols)
+    return lanes >= threshold

@@ -1,0 +1,152 @@
+"""``torch.ops.lorafusion.lora_linear``: a LoRA linear layer split at the rank r.
+
+Forward  (two kernels):  S = dropout(x) Aᵀ;   y = x Wᵀ + bias + s·S Bᵀ.
+Backward (three kernels): dS, dB from one pass over dY;  dA = dSᵀ x̃;
+                          dX = dY W + m ⊙ (dS A)/(1-p).
+Saved for backward: x, S [M,r] and the int64 dropout seed — never the mask or x̃.
+
+The op owns its autograd (``register_autograd``), so AOTAutograd and Inductor treat it
+as one opaque node in the forward and one in the backward graph. Which code computes
+the five kernels is chosen by the ``kernels`` argument: ``"torch"`` (``reference``)
+or ``"triton"`` (``lorafusion_compiler.codegen``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .dropout_mask import drop_threshold
+from .kernel_set import get_kernel_set
+
+__all__ = ["lora_linear", "lora_linear_backward", "check_lora_inputs"]
+
+
+def check_lora_inputs(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, dropout_p: float
+) -> None:
+    """Raise ValueError naming the offending value when the operands do not fit together."""
+    rank, in_features = lora_a.shape if lora_a.dim() == 2 else (None, None)
+    if lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(f"lora_a and lora_b must be 2-D, got shapes {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if rank == 0:
+        raise ValueError("LoRA rank is 0 (lora_a has shape (0, K)); use rank >= 1 or drop the adapter")
+    if lora_b.shape[1] != rank:
+        raise ValueError(f"rank mismatch: lora_a has rank {rank} (shape {tuple(lora_a.shape)}) but lora_b has shape {tuple(lora_b.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but lora_a expects {in_features}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    out_features = lora_b.shape[0]
+    if weight is not None and tuple(weight.shape) != (out_features, in_features):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({out_features}, {in_features}) from lora_b/lora_a")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+    if bias is not None and weight is None:
+        raise ValueError("bias given without weight")
+    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t is not None and not t.dtype.is_floating_point:
+            raise ValueError(f"{name} has dtype {t.dtype}; a floating-point dtype is required")
+    if lora_a.dtype != lora_b.dtype:
+        raise ValueError(f"lora_a is {lora_a.dtype} but lora_b is {lora_b.dtype}; cast both adapter matrices to one dtype")
+    if weight is not None and weight.dtype != x.dtype:
+        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}; the base layer must see its own dtype")
+    drop_threshold(dropout_p)
+
+
+def _new_seed(x: Tensor, dropout_p: float) -> Tensor:
+    """A fresh int64 seed on x's device drawn from torch's RNG (no host sync); 0 when p == 0."""
+    if dropout_p == 0.0:
+        return torch.zeros((), dtype=torch.int64, device=x.device)
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
+
+
+@torch.library.custom_op("lorafusion::lora_linear", mutates_args=())
+def lora_linear(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float,
+    out_dtype: torch.dtype,
+    kernels: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = x Wᵀ + bias + scale·(dropout(x) Aᵀ) Bᵀ for x [..., K]; returns (y [..., N], S [M, r], seed [])."""
+    check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
+    impl = get_kernel_set(kernels)
+    x2 = x.reshape(-1, x.shape[-1])
+    seed = _new_seed(x, dropout_p)
+    s_act = impl.shrink(x2, lora_a, seed, dropout_p)
+    y = impl.base_expand(x2, weight, bias, s_act, lora_b, scale, out_dtype)
+    return y.reshape(*x.shape[:-1], lora_b.shape[0]), s_act, seed
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, out_dtype, kernels, deterministic):
+    check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
+    m = x.numel() // x.shape[-1]
+    y = x.new_empty(*x.shape[:-1], lora_b.shape[0], dtype=out_dtype)
+    return y, lora_a.new_empty(m, lora_a.shape[0]), x.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("lorafusion::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    s_act: Tensor,
+    seed: Tensor,
+    scale: float,
+    dropout_p: float,
+    needs_dx: bool,
+    kernels: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dX [..., K] or an empty tensor when ``needs_dx`` is False, dA [r,K], dB [N,r])."""
+    impl = get_kernel_set(kernels)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    ds, d_b = impl.ds_db(dy2, lora_b, s_act, scale, deterministic=deterministic)
+    d_a = impl.da(x2, ds, seed, dropout_p, lora_a.dtype, deterministic=deterministic)
+    if not needs_dx:
+        return x.new_empty(0), d_a, d_b
+    d_x = impl.dx(dy2, weight, ds, lora_a, seed, dropout_p, x.dtype)
+    return d_x.reshape(x.shape), d_a, d_b
+
+
+@lora_linear_backward.register_fake
+def _(dy, x, weight, lora_a, lora_b, s_act, seed, scale, dropout_p, needs_dx, kernels, deterministic):
+    d_x = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    return d_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _bias, lora_a, lora_b, scale, dropout_p, _out_dtype, kernels, deterministic = inputs
+    _y, s_act, seed = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s_act, seed)
+    ctx.options = (scale, dropout_p, kernels, deterministic)
+
+
+def _backward(ctx, dy, _ds_act, _dseed):
+    x, weight, lora_a, lora_b, s_act, seed = ctx.saved_tensors
+    scale, dropout_p, kernels, deterministic = ctx.options
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise RuntimeError(
+            "lorafusion.lora_linear treats the base weight and bias as frozen, but one of them requires grad; "
+            "call weight.requires_grad_(False) (and bias) or leave this layer uncompiled"
+        )
+    needs_dx = ctx.needs_input_grad[0]
+    d_x, d_a, d_b = lora_linear_backward(
+        dy, x, weight, lora_a, lora_b, s_act, seed, scale, dropout_p, needs_dx, kernels, deterministic
+    )
+    return (d_x if needs_dx else None), None, None, d_a, d_b, None, None, None, None, None
+
+
+lora_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,86 @@
+"""The five split-at-r LoRA kernels written as plain torch code.
+
+This is the CPU implementation and the reference every Triton kernel is tested
+against. Notation (see ``shared/notes/kernel-design.md``): x [M,K], W [N,K], bias [N],
+A [r,K], B [N,r], scale s, dropout p with keep-mask m (``dropout_mask.keep_mask``),
+x̃ = m ⊙ x / (1-p), S = x̃ Aᵀ [M,r].
+
+Dtypes follow eager PEFT: the adapter path runs in the adapter's dtype (``A.dtype``),
+the base path in x's dtype, and the sum is cast to ``out_dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dropout_mask import keep_mask
+
+__all__ = ["dropped_input", "shrink", "base_expand", "ds_db", "da", "dx"]
+
+
+def dropped_input(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """x̃ = m ⊙ x / (1-p) in ``dtype``; ``x`` is [M,K]."""
+    xd = x.to(dtype)
+    if p == 0.0:
+        return xd
+    mask = keep_mask(seed, p, xd.shape[0], xd.shape[1], device=xd.device)
+    return xd * mask.to(dtype) * (1.0 / (1.0 - p))
+
+
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """S = dropout(x) Aᵀ: x [M,K], A [r,K] -> S [M,r] in A's dtype."""
+    return F.linear(dropped_input(x, seed, p, lora_a.dtype), lora_a)
+
+
+def base_expand(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    s_act: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """y = x Wᵀ + bias + s·S Bᵀ -> [M,N] in ``out_dtype``; without W only the LoRA term."""
+    delta = F.linear(s_act, lora_b) * scale
+    if weight is None:
+        return delta.to(out_dtype)
+    return (F.linear(x, weight, bias) + delta).to(out_dtype)
+
+
+def ds_db(
+    dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor, scale: float, *, deterministic: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dS = s·dY B [M,r] and dB = s·dYᵀ S [N,r] (B's dtype) from one read of dY [M,N].
+
+    torch code is always deterministic; ``deterministic`` exists for the shared signature.
+    """
+    g = dy.to(lora_b.dtype) * scale
+    return g @ lora_b, (g.t() @ s_act.to(lora_b.dtype))
+
+
+def da(
+    x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *, deterministic: bool = False
+) -> torch.Tensor:
+    """dA = dSᵀ x̃: dS [M,r], x [M,K] -> [r,K] in ``a_dtype`` (``deterministic`` as in ``ds_db``)."""
+    return ds.to(a_dtype).t() @ dropped_input(x, seed, p, a_dtype)
+
+
+def dx(
+    dy: torch.Tensor,
+    weight: torch.Tensor | None,
+    ds: torch.Tensor,
+    lora_a: torch.Tensor,
+    seed: torch.Tensor,
+    p: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """dX = dY W + m ⊙ (dS A)/(1-p) -> [M,K] in ``out_dtype``; without W only the LoRA term."""
+    lora = ds.to(lora_a.dtype) @ lora_a
+    if p != 0.0:
+        mask = keep_mask(seed, p, lora.shape[0], lora.shape[1], device=lora.device)
+        lora = lora * mask.to(lora.dtype) * (1.0 / (1.0 - p))
+    if weight is None:
+        return lora.to(out_dtype)
+    return (dy.to(weight.dtype) @ weight + lora).to(out_dtype)
