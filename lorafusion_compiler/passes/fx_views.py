@@ -159,6 +159,6 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     raw = list(stack.values())[-1][0]
-    raw = re.sub(r"^L\['self'\]|^L\['([^']+)'\]", lambda m: m.group(1) or "", raw)
+    raw = re.sub(r"^L\['[^']+'\]", "", raw)  # the compiled module itself is the root
     path = _MODULE_KEY.sub(lambda m: "." + (m.group(1) or m.group(2) or m.group(3)), raw)
     return path.lstrip(".")

@@ -1,0 +1,94 @@
+"""Shared test helpers: a verbose relative-error check and a seeded dropout for eager references."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafusion_compiler.ops.dropout_mask import keep_mask
+
+__all__ = ["assert_rel_close", "rel_error", "SeededDropout", "use_seeded_dropout", "adapter_grads", "compare_compiled_to_eager"]
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (NaN anywhere gives inf)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "tensor") -> None:
+    """Fail with shapes, the relative error and the worst element when ‖a−e‖/‖e‖ > tol."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    err = rel_error(actual, expected)
+    if not err <= tol:
+        diff = (actual.detach().double() - expected.detach().double()).abs()
+        worst = diff.argmax().item()
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} > {tol:.1e}; worst element {worst}: "
+            f"{actual.reshape(-1)[worst].item():.6g} vs {expected.reshape(-1)[worst].item():.6g} (shape {tuple(actual.shape)})"
+        )
+
+
+class SeededDropout(nn.Module):
+    """Dropout drawing its seed like ``lora_linear`` does, so eager and compiled runs share masks."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
+        rows = x.numel() // x.shape[-1]
+        mask = keep_mask(seed, self.p, rows, x.shape[-1]).reshape(x.shape)
+        return x * mask.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+def use_seeded_dropout(model: nn.Module) -> int:
+    """Swap every ``nn.Dropout`` inside ``model`` for a SeededDropout (same p and mode); returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Dropout):
+                parent.register_module(name, SeededDropout(child.p).train(child.training))
+                count += 1
+    return count
+
+
+def adapter_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Clones of the gradients of every trainable parameter, by name."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def compare_compiled_to_eager(model: nn.Module, *inputs: torch.Tensor, inner_backend: str = "aot_eager", tol: float = 1e-5, seed: int = 0, options: dict | None = None):
+    """Compile ``model`` with the lorafusion backend, run forward+backward, then the same eagerly.
+
+    Dropout modules of PEFT are swapped for ``SeededDropout`` for the eager run, so both
+    runs draw the same masks. Asserts the outputs and every trainable gradient agree to
+    ``tol`` (relative) and returns the backend's ``ExplainReport``.
+    """
+    from lorafusion_compiler.report import collect_reports
+
+    compiled = torch.compile(model, backend="lorafusion", options={"inner_backend": inner_backend, **(options or {})})
+    torch.manual_seed(seed)
+    with collect_reports() as report:
+        out = compiled(*inputs)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    (out.double() * probe).sum().backward()
+    got = adapter_grads(model)
+    model.zero_grad(set_to_none=True)
+    use_seeded_dropout(model)
+    torch.manual_seed(seed)
+    ref = model(*inputs)
+    (ref.double() * probe).sum().backward()
+    want = adapter_grads(model)
+    model.zero_grad(set_to_none=True)
+    assert out.dtype == ref.dtype, f"output dtype {out.dtype} != eager {ref.dtype}"
+    assert_rel_close(out, ref, tol, "output")
+    assert got.keys() == want.keys() and want, f"trainable grads differ: {sorted(got)} vs {sorted(want)}"
+    for name in want:
+        assert_rel_close(got[name], want[name], tol, f"grad of {name}")
+    return report

@@ -1,0 +1,64 @@
+"""The dropout keep-mask recipe: Philox known answers, keep rate, thresholds."""
+
+import math
+
+import pytest
+import torch
+
+from lorafusion_compiler.ops.dropout_mask import LANES_PER_COUNTER, drop_threshold, keep_mask, philox4x32
+
+
+# Known answers of Triton's tl.randint4x(seed, 123456789 + i) (recorded with the Triton interpreter).
+@pytest.mark.parametrize(
+    "seed, words",
+    [
+        (0, [3312208130, 3064327959, 1729284979, 4013493118]),
+        (42, [1593944992, 3061779824, 4066282839, 4255630440]),
+        (2**40 + 7, [2438419657, 208528801, 937072107, 3294285765]),
+        (2**62 - 1, [2883921267, 1952984366, 2589274252, 62380519]),
+    ],
+)
+def test_philox_matches_triton_known_answers(seed, words):
+    out = philox4x32(torch.tensor(seed), torch.tensor([123456789]))
+    assert [int(w.item()) for w in out] == words
+
+
+def test_philox_words_are_32_bit_and_vary():
+    out = torch.stack(philox4x32(torch.tensor(7), torch.arange(4096)))
+    assert out.min() >= 0 and out.max() < 2**32
+    assert out.unique().numel() > 0.99 * out.numel()
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_keep_rate_within_4_sigma(p):
+    rows, cols = 301, 257  # odd sizes: the last Philox counter is only partly used
+    mask = keep_mask(torch.tensor(1234), p, rows, cols)
+    n = rows * cols
+    realised_p = drop_threshold(p) / 65536
+    sigma = math.sqrt(realised_p * (1 - realised_p) / n)
+    assert abs(mask.float().mean().item() - (1 - realised_p)) < 4 * sigma
+    assert abs(realised_p - p) <= 0.5 / 65536
+
+
+def test_mask_layout_and_determinism():
+    a = keep_mask(torch.tensor(99), 0.3, 13, 11)
+    b = keep_mask(torch.tensor(99), 0.3, 13, 11)
+    c = keep_mask(torch.tensor(100), 0.3, 13, 11)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # element (i, j) depends only on its flat offset: a wider matrix shares the prefix
+    flat = keep_mask(torch.tensor(99), 0.3, 1, 13 * 11).reshape(13, 11)
+    assert torch.equal(a, flat)
+    words = philox4x32(torch.tensor(99), torch.tensor([0]))
+    lane0 = int(words[0].item()) & 0xFFFF
+    assert a[0, 0].item() == (lane0 >= drop_threshold(0.3))
+    assert LANES_PER_COUNTER == 8
+
+
+def test_p_zero_keeps_everything():
+    assert keep_mask(torch.tensor(5), 0.0, 4, 9).all()
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_bad_probability_names_value(p):
+    with pytest.raises(ValueError, match=f"p={p!r}"):
+        drop_threshold(p)
