@@ -1,0 +1,74 @@
+"""The backend's product surface: entry point, explain report, options, the demo and the CLI."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lorafusion
+from lorafusion.cli import main
+
+
+class OneLoRA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 6).requires_grad_(False)
+        self.a, self.b = nn.Linear(8, 2, bias=False), nn.Linear(2, 6, bias=False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.proj(x) + 0.5 * self.b(self.a(x)))
+
+
+def test_backend_name_works_without_importing_lorafusion():
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Linear(4, 3)\n"
+        "assert 'lorafusion' not in sys.modules and 'lorafusion_compiler' not in sys.modules\n"
+        "y = torch.compile(m, backend='lorafusion', options={'inner_backend': 'eager'})(torch.randn(2, 4))\n"
+        "assert y.shape == (2, 3) and 'lorafusion_compiler.backend' in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_explain_report_fields_and_table():
+    report = lorafusion.explain(OneLoRA(), torch.randn(5, 8))
+    assert isinstance(report, lorafusion.ExplainReport) and report.graphs == 1
+    (site,) = report.matched
+    assert (site.module_path, site.rank, site.dropout_p, site.scale) == ("", 2, 0.0, 0.5)
+    assert (site.in_features, site.out_features, site.x_shape) == (8, 6, (5, 8))
+    assert report.kernels == ["torch"]
+    assert [(s.module_path, s.reason) for s in report.skipped] == [("head", "plain linear: no LoRA branch is added to it")]
+    text = str(report)
+    assert "1 LoRA site(s) matched" in text and "<root>" in text and "head" in text and "plain linear" in text
+
+
+def test_explain_leaves_the_model_usable_eagerly():
+    model = OneLoRA()
+    x = torch.randn(4, 8)
+    before = model(x)
+    lorafusion.explain(model, x)
+    assert torch.equal(model(x), before)
+
+
+def test_backend_rejects_unknown_option_by_name():
+    with pytest.raises(Exception, match="kernel_set"):
+        torch.compile(OneLoRA(), backend="lorafusion", options={"kernel_set": "x"})(torch.randn(2, 8))
+
+
+def test_cli_demo_trains_and_loss_goes_down(capsys):
+    assert main(["demo", "--steps", "30", "--batch", "4", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "14 LoRA site(s) matched" in out
+    losses = out.split("trained 30 steps")[1].split("loss ")[1].split(" -> ")
+    first, last = float(losses[0]), float(losses[1])
+    assert last < first - 0.2, (first, last)
+
+
+def test_cli_bad_value_is_named(capsys):
+    assert main(["demo", "--steps", "0"]) == 2
+    assert "steps=0" in capsys.readouterr().err
