@@ -18,7 +18,8 @@ import torch
 import torch.fx as fx
 
 from .config import LoRAFusionConfig
-from .passes.lora_pattern import LoRASite, find_lora_sites
+from .passes.lora_pattern import find_lora_sites
+from .passes.multi_kernels import select_multi_kernels
 from .passes.rewrite import rewrite_lora_sites
 from .report import publish
 
@@ -35,14 +36,17 @@ def _triton_available() -> bool:
     return True
 
 
-def kernel_set_for(site: LoRASite, config: LoRAFusionConfig) -> str:
-    """``"triton"`` or ``"torch"`` for one site, following ``config.kernels``."""
+def kernel_set_for(x: torch.Tensor | None, adapter_dtype: torch.dtype | None, config: LoRAFusionConfig, *, multi: bool = False) -> str:
+    """``"triton"`` or ``"torch"`` for a site whose input is ``x`` (example value), following ``config.kernels``."""
     if config.kernels != "auto":
         return config.kernels
-    x = site.nodes.x.meta.get("example_value")
     on_cuda = x is not None and x.device.type == "cuda"
-    dtypes_ok = site.dtype in _TRITON_DTYPES and site.adapter_dtype in _TRITON_DTYPES
-    return "triton" if on_cuda and dtypes_ok and _triton_available() else "torch"
+    dtypes_ok = x is not None and x.dtype in _TRITON_DTYPES and adapter_dtype in _TRITON_DTYPES
+    if not (on_cuda and dtypes_ok and _triton_available()):
+        return "torch"
+    from .codegen import kernels
+
+    return "triton" if not multi or hasattr(kernels, "multi_forward") else "torch"
 
 
 def lorafusion_backend(
@@ -51,9 +55,11 @@ def lorafusion_backend(
     """Dynamo backend: rewrite LoRA sites of ``gm``, then compile it with the inner backend."""
     config = LoRAFusionConfig.from_options(options)
     result = find_lora_sites(gm)
-    kernels = [kernel_set_for(site, config) for site in result.sites]
+    kernels = [kernel_set_for(s.nodes.x.meta.get("example_value"), s.adapter_dtype, config) for s in result.sites]
     if config.rewrite and result.sites:
         rewrite_lora_sites(gm, result.sites, kernels, deterministic=config.deterministic)
+    if config.rewrite:
+        select_multi_kernels(gm, lambda x, a: kernel_set_for(x, None if a is None else a.dtype, config, multi=True))
     publish(result.sites, result.skipped, kernels)
     if config.dump_dir:
         from .dump import dump_kernels
