@@ -64,7 +64,7 @@ def lorafusion_backend(
     if config.dump_dir:
         from .dump import dump_kernels
 
-        dump_kernels(config.dump_dir, result.sites, kernels)
+        dump_kernels(config.dump_dir, result.sites, kernels, deterministic=config.deterministic)
     if config.inner_backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
 

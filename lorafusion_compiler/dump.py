@@ -1,0 +1,79 @@
+"""Write the kernels the backend uses to a directory: sources plus ``manifest.json``.
+
+Layout: ``<dump_dir>/<spec key>/<kernel>.py`` (one file per generated Triton kernel,
+byte-identical to what is compiled) and ``<dump_dir>/manifest.json``: one entry per
+matched site with its module path, kernel set, specialization key and kernel files.
+Sites on the torch kernel set have no generated source; the manifest says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .passes.lora_pattern import LoRASite
+
+__all__ = ["dump_kernels", "spec_for_site"]
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def spec_for_site(site: LoRASite, *, deterministic: bool):
+    """The codegen ``KernelSpec`` a site compiles to."""
+    from .codegen import KernelSpec, rank_bucket
+
+    return KernelSpec(
+        dtype=_dtype_name(site.dtype),
+        adapter_dtype=_dtype_name(site.adapter_dtype),
+        has_weight=site.fused_base,
+        has_bias=site.has_bias,
+        dropout=site.dropout_p > 0,
+        needs_dx=site.x_requires_grad,
+        rank_bucket=rank_bucket(site.rank),
+        aligned8=site.in_features % 8 == 0,
+        deterministic=deterministic,
+    )
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomic write: a reader never sees a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def dump_kernels(dump_dir: str | os.PathLike, sites: list[LoRASite], kernels: list[str], *, deterministic: bool = False) -> Path:
+    """Write sources and append the sites to ``manifest.json`` in ``dump_dir``; returns the manifest path."""
+    root = Path(dump_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"sites": []}
+    for site, kernel_set in zip(sites, kernels, strict=True):
+        entry = {
+            "module_path": site.module_path,
+            "kernels": kernel_set,
+            "rank": site.rank,
+            "in_features": site.in_features,
+            "out_features": site.out_features,
+            "dropout_p": site.dropout_p,
+            "fused_base": site.fused_base,
+        }
+        if kernel_set == "triton":
+            from .codegen import kernel_sources
+
+            spec = spec_for_site(site, deterministic=deterministic)
+            folder = root / spec.key
+            folder.mkdir(exist_ok=True)
+            files = {}
+            for name, source in kernel_sources(spec).items():
+                _write(folder / f"{name}.py", source)
+                files[name] = f"{spec.key}/{name}.py"
+            entry.update(specialization=spec.key, files=files)
+        else:
+            entry.update(specialization=None, files={}, note="torch reference ops (lorafusion_compiler/ops/reference.py); no generated source")
+        manifest["sites"].append(entry)
+    _write(manifest_path, json.dumps(manifest, indent=2))
+    return manifest_path
