@@ -4,13 +4,27 @@ Public API:
 
 * ``torch.compile(model, backend="lorafusion", options={...})`` — the backend (no import needed);
 * :func:`explain` — which layers the backend rewrites, as a report;
-* :class:`LoRAFusionConfig` — the backend's options.
+* :class:`LoRAFusionConfig` — the backend's options;
+* :func:`schedule`, :class:`Job`, :class:`Schedule` — plan many LoRA jobs into microbatches;
+* :class:`MultiAdapterModel`, :class:`AdapterBatch` — train several adapters of one model at once.
 """
 
 from lorafusion_compiler.config import LoRAFusionConfig
 from lorafusion_compiler.explain import explain
 from lorafusion_compiler.report import ExplainReport
+from lorafusion_compiler.runtime import AdapterBatch, MultiAdapterModel
+from lorafusion_compiler.scheduler import Job, Schedule, schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["LoRAFusionConfig", "ExplainReport", "explain", "__version__"]
+__all__ = [
+    "AdapterBatch",
+    "ExplainReport",
+    "Job",
+    "LoRAFusionConfig",
+    "MultiAdapterModel",
+    "Schedule",
+    "__version__",
+    "explain",
+    "schedule",
+]
