@@ -1,0 +1,136 @@
+"""End-to-end LoRA training step on a LLaMa-3.1-8B-shaped model (random weights, bf16, 1 GPU).
+
+Variants, each timed in this one process on the same shapes:
+  floor      frozen base model, no LoRA, torch.compile (Inductor); grads flow to the input
+  peft       PEFT defaults (fp32 adapters over the bf16 base), eager
+  peft+pc    PEFT with bf16 adapters, every decoder layer torch.compile'd (Inductor)
+  ours       torch.compile(peft_model, backend="lorafusion"), PEFT defaults
+  ours-bf16  the same with bf16 adapters
+
+Each step: fresh random tokens, forward, loss, backward (no optimizer: the optimizer cost
+is the same for all LoRA variants and zero for the floor). Reported: median step time over
+CUDA events, tokens/s, ratio to the floor, peak memory.
+
+    python benchmarks/e2e.py --layers 8 --tokens 4096 --dropout 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_base(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        attn_implementation="sdpa", torch_dtype=torch.bfloat16,
+    )
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.requires_grad_(False)
+    return model
+
+
+def with_lora(model, *, dropout: float, bf16_adapters: bool):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS)
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=not bf16_adapters)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.01)
+    return peft_model
+
+
+def unwrap_peft(peft_model):
+    """Return the base model with LoRA layers removed (PEFT's unload)."""
+    return peft_model.unload()
+
+
+def time_steps(step, *, tokens: int, seq: int, steps: int, warmup: int) -> tuple[float, float]:
+    """Median ms per step and peak GiB."""
+    batch = tokens // seq
+    for _ in range(warmup):
+        step(torch.randint(0, 32000, (batch, seq), device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(ids)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def make_step(model, embed):
+    def step(ids):
+        inputs = embed(ids).detach().requires_grad_(True)  # grads reach layer 0 in every variant
+        out = model(inputs_embeds=inputs, labels=ids)
+        out.loss.backward()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.1, 0.0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=["floor", "peft", "peft+pc", "ours", "ours-bf16"])
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = []
+    for p in args.dropout:
+        floor_ms = None
+        for variant in args.variants:
+            torch._dynamo.reset()
+            base = build_base(args.layers)
+            embed = base.get_input_embeddings()
+            if variant == "floor":
+                model = torch.compile(base)
+            else:
+                model = with_lora(base, dropout=p, bf16_adapters=variant in ("peft+pc", "ours-bf16"))
+                if variant == "peft+pc":
+                    for layer in model.base_model.model.model.layers:
+                        layer.compile()
+                elif variant.startswith("ours"):
+                    model = torch.compile(model, backend="lorafusion")
+            ms, gib = time_steps(make_step(model, embed), tokens=args.tokens, seq=args.seq, steps=args.steps, warmup=args.warmup)
+            floor_ms = ms if variant == "floor" else floor_ms
+            row = dict(p=p, variant=variant, ms=ms, tokens_per_s=args.tokens / ms * 1e3, peak_gib=gib,
+                       floor_ratio=(floor_ms / ms) if floor_ms else None)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            del model, base, embed
+            gc.collect()
+            torch.cuda.empty_cache()
+    print(f"\nLLaMa-3.1-8B shape, {args.layers} layers, {args.tokens} tokens/step, r=16 on 7 projections, bf16, "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{'p':>4} {'variant':<10} {'ms/step':>9} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9}")
+    for r in results:
+        ratio = f"{r['floor_ratio']:.3f}" if r["floor_ratio"] else "-"
+        print(f"{r['p']:>4} {r['variant']:<10} {r['ms']:>9.2f} {r['tokens_per_s']:>10.0f} {ratio:>8} {r['peak_gib']:>9.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
