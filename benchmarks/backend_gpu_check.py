@@ -93,7 +93,11 @@ def cuda_graph_replay() -> float:
 
 
 def main() -> None:
-    rows = [check(dt, bf, p) for dt in (torch.float32, torch.bfloat16) for bf in ((False,) if dt == torch.float32 else (False, True)) for p in (0.0, 0.1)]
+    cases = [(dt, bf, p) for dt in (torch.float32, torch.bfloat16) for bf in ((False,) if dt == torch.float32 else (False, True)) for p in (0.0, 0.1)]
+    rows = []
+    for dtype, bf16, p in cases:
+        rows.append(check(dtype, bf16, p))
+        print(rows[-1], flush=True)
     graph_err = cuda_graph_replay()
     print(f"backend on {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'base':<9} {'adapters':<9} {'p':>4} {'sites':>5} {'triton':>6} {'loss rel err':>12} {'max grad rel err':>16}")

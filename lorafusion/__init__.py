@@ -6,13 +6,14 @@ Public API:
 * :func:`explain` — which layers the backend rewrites, as a report;
 * :class:`LoRAFusionConfig` — the backend's options;
 * :func:`schedule`, :class:`Job`, :class:`Schedule` — plan many LoRA jobs into microbatches;
-* :class:`MultiAdapterModel`, :class:`AdapterBatch` — train several adapters of one model at once.
+* :class:`MultiAdapterModel`, :class:`AdapterBatch` — train several adapters of one model at once;
+* :func:`pipeline`, :class:`PipelineJob` — train many LoRA jobs together (1F1B across GPUs).
 """
 
 from lorafusion_compiler.config import LoRAFusionConfig
 from lorafusion_compiler.explain import explain
 from lorafusion_compiler.report import ExplainReport
-from lorafusion_compiler.runtime import AdapterBatch, MultiAdapterModel
+from lorafusion_compiler.runtime import AdapterBatch, MultiAdapterModel, PipelineJob, PipelineResult, pipeline
 from lorafusion_compiler.scheduler import Job, Schedule, schedule
 
 __version__ = "0.1.0"
@@ -23,8 +24,11 @@ __all__ = [
     "Job",
     "LoRAFusionConfig",
     "MultiAdapterModel",
+    "PipelineJob",
+    "PipelineResult",
     "Schedule",
     "__version__",
     "explain",
+    "pipeline",
     "schedule",
 ]

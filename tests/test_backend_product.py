@@ -72,3 +72,35 @@ def test_cli_demo_trains_and_loss_goes_down(capsys):
 def test_cli_bad_value_is_named(capsys):
     assert main(["demo", "--steps", "0"]) == 2
     assert "steps=0" in capsys.readouterr().err
+
+
+def test_dump_dir_writes_sources_and_manifest(tmp_path):
+    import json
+
+    model = OneLoRA()
+    lorafusion.explain(model, torch.randn(5, 8), dump_dir=str(tmp_path), kernels="triton", rewrite=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (entry,) = manifest["sites"]
+    assert entry["kernels"] == "triton" and entry["rank"] == 2 and entry["module_path"] == ""
+    assert entry["files"], entry
+    for name, rel in entry["files"].items():
+        source = (tmp_path / rel).read_text()
+        assert "@triton.jit" in source and entry["specialization"] in rel, name
+
+
+def test_dump_dir_from_environment_records_torch_sites(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("LORAFUSION_DUMP_DIR", str(tmp_path))
+    lorafusion.explain(OneLoRA(), torch.randn(3, 8))
+    (entry,) = json.loads((tmp_path / "manifest.json").read_text())["sites"]
+    assert entry["kernels"] == "torch" and entry["files"] == {} and "reference" in entry["note"]
+
+
+def test_cli_multi_adapter_demo_every_adapter_learns(capsys):
+    assert main(["demo", "--adapters", "3", "--steps", "12", "--batch", "2", "--seq-len", "32", "--dropout", "0", "--eager"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if " -> " in line]
+    assert [r[0] for r in rows] == ["tales", "recipes", "code"]
+    for row in rows:
+        assert float(row[-1]) < float(row[2]) - 0.1, row

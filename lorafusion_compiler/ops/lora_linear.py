@@ -57,9 +57,10 @@ def check_lora_inputs(
 
 
 def _new_seed(x: Tensor, dropout_p: float) -> Tensor:
-    """A fresh int64 seed on x's device drawn from torch's RNG (no host sync); 0 when p == 0."""
+    """A fresh int64 seed on x's device drawn from torch's RNG (no host sync); unused (and not
+    initialised: no kernel launch) when p == 0."""
     if dropout_p == 0.0:
-        return torch.zeros((), dtype=torch.int64, device=x.device)
+        return torch.empty((), dtype=torch.int64, device=x.device)
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
 
 

@@ -89,8 +89,8 @@ def _torch_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, ranges,
 
 def _new_seeds(x: Tensor, dropout_ps: list[float]) -> Tensor:
     """One fresh int64 seed per adapter from torch's RNG (device-side, no host sync)."""
-    if not any(dropout_ps):
-        return torch.zeros(len(dropout_ps), dtype=torch.int64, device=x.device)
+    if not any(dropout_ps):  # seeds unused: no kernel launch to fill them
+        return torch.empty(len(dropout_ps), dtype=torch.int64, device=x.device)
     return torch.randint(0, 2**62, (len(dropout_ps),), dtype=torch.int64, device=x.device)
 
 

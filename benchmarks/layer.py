@@ -1,0 +1,188 @@
+"""Layer benchmark: frozen base linear vs eager LoRA vs Inductor LoRA vs lorafusion (Triton kernels).
+
+One process, CUDA-event medians, fresh random inputs rotated over several sets. "time" is
+forward+backward of one layer (``y = layer(x); y.backward(dy)``, x requiring grad); "base"
+is the frozen ``F.linear(x, W)`` forward+backward (dX only). Everything bf16 (x, W, A, B).
+
+    python benchmarks/layer.py                 # the full table of BENCHMARKS.md
+    python benchmarks/layer.py --quick         # first shape only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lorafusion_compiler.ops.lora_linear import lora_linear
+
+__all__ = ["SHAPES", "make_layers", "time_fwd_bwd", "saved_bytes", "main"]
+
+SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (8192, 5120, 5120), (8192, 8192, 8192), (2048, 4096, 4096)]
+"""(M, K, N) of the issue; the first five are the M=8192 geometric-mean set."""
+
+
+def eager_lora(x, w, a, b, scale: float, p: float):
+    """PEFT-style LoRA linear (bias-free base)."""
+    return F.linear(x, w) + F.linear(F.linear(F.dropout(x, p), a), b) * scale
+
+
+def make_layers(scale: float, p: float) -> dict[str, Callable]:
+    """name -> fn(x, w, a, b) for the four variants."""
+    compiled = torch.compile(eager_lora, dynamic=False)
+    return {
+        "base": lambda x, w, a, b: F.linear(x, w),
+        "eager": lambda x, w, a, b: eager_lora(x, w, a, b, scale, p),
+        "inductor": lambda x, w, a, b: compiled(x, w, a, b, scale, p),
+        "ours": lambda x, w, a, b: lora_linear(x, w, None, a, b, scale, p, x.dtype, "triton", False)[0],
+    }
+
+
+def _inputs(m: int, k: int, n: int, r: int, sets: int, dtype=torch.bfloat16):
+    dev = "cuda"
+    w = torch.randn(n, k, device=dev, dtype=dtype) / math.sqrt(k)
+    a = (torch.randn(r, k, device=dev, dtype=dtype) / math.sqrt(k)).requires_grad_()
+    b = (torch.randn(n, r, device=dev, dtype=dtype) * 0.01).requires_grad_()
+    data = [(torch.randn(m, k, device=dev, dtype=dtype).requires_grad_(), torch.randn(m, n, device=dev, dtype=dtype))
+            for _ in range(sets)]
+    return w, a, b, data
+
+
+def time_fwd_bwd(fn: Callable, w, a, b, data, *, backward: bool = True, iters: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of fn forward (+ backward with dy) over ``iters`` runs, rotating input sets."""
+    times = []
+    for i in range(warmup + iters):
+        x, dy = data[i % len(data)]
+        for t in (x, a, b):
+            t.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        if backward:
+            fn(x, w, a, b).backward(dy)
+        else:
+            with torch.no_grad():
+                fn(x, w, a, b)
+        end.record()
+        if i >= warmup:
+            times.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in times)
+
+
+def time_graph(fn: Callable, w, a, b, data, *, iters: int = 20) -> float:
+    """Median ms of one CUDA-graph replay of fn forward+backward (host launch overhead removed)."""
+    x, dy = data[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(x, w, a, b).backward(dy)
+    torch.cuda.current_stream().wait_stream(side)
+    for t in (x, a, b):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x, w, a, b).backward(dy)
+    times = []
+    for i in range(iters + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        if i >= 3:
+            times.append((start, end))
+    torch.cuda.synchronize()
+    del graph
+    return statistics.median(s.elapsed_time(e) for s, e in times)
+
+
+def saved_bytes(fn: Callable, w, a, b, data) -> int:
+    """Device bytes still held after the forward beyond the output: what is saved for backward, minus x."""
+    x, _ = data[0]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = fn(x, w, a, b)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+    del y
+    return held
+
+
+def run(shapes, ranks, ps, *, alpha: float = 32.0, fwd_only: bool = True, memory: bool = False, log=print):
+    """Benchmark rows: dicts with shape, r, p and per-variant ms (fwd+bwd and fwd-only)."""
+    rows = []
+    for (m, k, n) in shapes:
+        for r in ranks:
+            for p in ps:
+                torch.manual_seed(0)
+                w, a, b, data = _inputs(m, k, n, r, sets=3 if m * max(k, n) <= 8192 * 8192 else 2)
+                layers = make_layers(alpha / r, p)
+                row = {"shape": (m, k, n), "r": r, "p": p}
+                for name, fn in layers.items():
+                    row[name] = time_fwd_bwd(fn, w, a, b, data)
+                    if fwd_only:
+                        row[name + "_fwd"] = time_fwd_bwd(fn, w, a, b, data, backward=False)
+                    if memory and name != "base":
+                        row[name + "_mem"] = saved_bytes(fn, w, a, b, data)
+                    row[name + "_graph"] = time_graph(fn, w, a, b, data)
+                log(_fmt(row))
+                rows.append(row)
+                del w, a, b, data
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt(row) -> str:
+    m, k, n = row["shape"]
+    base = row["base"]
+    s = f"{m:5d} {k:5d} {n:5d} r={row['r']:3d} p={row['p']:.1f} | base {base:7.3f} ms"
+    for name in ("eager", "inductor", "ours"):
+        s += f" | {name} {row[name] / base:5.2f}"
+    if "ours_graph" in row:
+        s += " || graphed/base: " + " ".join(
+            f"{nm[:3]} {row[nm + '_graph'] / row['base_graph']:4.2f}" for nm in ("eager", "inductor", "ours"))
+    if "ours_fwd" in row:
+        s += " || fwd/base: " + " ".join(f"{nm[:3]} {row[nm + '_fwd'] / row['base_fwd']:4.2f}" for nm in ("eager", "inductor", "ours"))
+    if "ours_mem" in row:
+        s += " || saved MiB: " + " ".join(f"{nm[:3]} {row[nm + '_mem'] / 2**20:7.1f}" for nm in ("eager", "inductor", "ours"))
+    return s
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summary(rows) -> str:
+    """Geometric means of ratio/base over the M=8192 shapes at r=16, per p and variant."""
+    out = []
+    for p in sorted({r_["p"] for r_ in rows}):
+        sel = [r_ for r_ in rows if r_["r"] == 16 and r_["p"] == p and r_["shape"][0] == 8192]
+        if sel:
+            out.append(f"geomean M=8192 r=16 p={p}: " + " ".join(
+                f"{nm} {geomean(r_[nm] / r_['base'] for r_ in sel):.3f}" for nm in ("eager", "inductor", "ours"))
+                + " | graphed: " + " ".join(
+                    f"{nm} {geomean(r_[nm + '_graph'] / r_['base_graph'] for r_ in sel):.3f}"
+                    for nm in ("eager", "inductor", "ours")))
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="first shape only, r=16")
+    parser.add_argument("--ranks", action="store_true", help="also r in {8, 64, 128} on the first shape, with memory")
+    args = parser.parse_args(argv)
+    torch._dynamo.config.cache_size_limit = 64
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    rows = run(shapes, [16], [0.0, 0.1], memory=True)
+    if args.ranks:
+        rows += run(SHAPES[:1], [8, 64, 128], [0.0, 0.1], memory=True)
+    print(summary(rows))
+
+
+if __name__ == "__main__":
+    main()

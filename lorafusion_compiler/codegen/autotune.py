@@ -1,0 +1,132 @@
+"""Small per-kernel tile-configuration sets and a tuner cached per shape bucket.
+
+On the GPU the first call of a (kernel, spec, shape bucket) times every configuration
+with CUDA events (``triton.testing.do_bench``, median) and keeps the fastest; later calls
+only look the choice up, so nothing is host-synchronised per call. Under
+TRITON_INTERPRET=1 (no driver, no timing) and during CUDA-graph capture one fixed
+configuration is used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["TileConfig", "configs", "interpreting", "run_tuned", "shape_bucket", "tuned_choices"]
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes (``tl.constexpr`` arguments) plus warps and pipeline stages of one launch."""
+
+    blocks: tuple[tuple[str, int], ...]
+    num_warps: int = 4
+    num_stages: int = 3
+    meta: dict[str, int] = field(init=False, compare=False, repr=False)
+    kwargs: dict[str, int] = field(init=False, compare=False, repr=False)
+    """``kernel[grid](...)`` keyword arguments: the blocks plus num_warps and num_stages."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "meta", dict(self.blocks))
+        object.__setattr__(self, "kwargs", {**self.meta, "num_warps": self.num_warps, "num_stages": self.num_stages})
+
+    def __getitem__(self, name: str) -> int:
+        return self.meta[name]
+
+
+def _c(warps: int, stages: int, **blocks: int) -> TileConfig:
+    return TileConfig(tuple(blocks.items()), warps, stages)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def configs(kernel: str, rank_bucket: int) -> tuple[TileConfig, ...]:
+    """Candidate configurations of ``kernel`` for a padded rank (the first is the fallback)."""
+    return tuple(_configs(kernel, rank_bucket))
+
+
+def _configs(kernel: str, rank_bucket: int) -> list[TileConfig]:
+    if interpreting():  # few, large programs: interpreter time grows with the program count
+        return [{
+            "shrink": _c(4, 1, BLOCK_M=32, BLOCK_K=64),
+            "lowrank_gemm": _c(4, 1, BLOCK_M=32, BLOCK_P=32, BLOCK_Q=64, GROUP_M=4),
+            "ds_db": _c(4, 1, BLOCK_M=32, BLOCK_N=32),
+            "da": _c(4, 1, BLOCK_M=32, BLOCK_K=64),
+        }[_family(kernel)]]
+    big = rank_bucket >= 128
+    if kernel in ("base_expand", "dx"):
+        return [
+            _c(8, 3, BLOCK_M=128, BLOCK_P=256, BLOCK_Q=64, GROUP_M=8),
+            _c(8, 4, BLOCK_M=128, BLOCK_P=256, BLOCK_Q=64, GROUP_M=8),
+            _c(8, 3, BLOCK_M=256, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8),
+            _c(8, 4, BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8),
+            _c(4, 4, BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8),
+        ]
+    if kernel == "shrink":
+        if big:
+            return [_c(4, 3, BLOCK_M=32, BLOCK_K=64), _c(8, 3, BLOCK_M=64, BLOCK_K=64)]
+        return [_c(4, 3, BLOCK_M=32, BLOCK_K=128), _c(4, 4, BLOCK_M=64, BLOCK_K=128), _c(8, 3, BLOCK_M=64, BLOCK_K=256),
+                _c(8, 3, BLOCK_M=128, BLOCK_K=128)]
+    if kernel == "ds_db":
+        if big:
+            return [_c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 3, BLOCK_M=64, BLOCK_N=128)]
+        return [_c(8, 3, BLOCK_M=128, BLOCK_N=128), _c(8, 3, BLOCK_M=256, BLOCK_N=64), _c(8, 3, BLOCK_M=256, BLOCK_N=128),
+                _c(4, 4, BLOCK_M=128, BLOCK_N=64)]
+    if kernel == "da":
+        if big:
+            return [_c(4, 3, BLOCK_M=64, BLOCK_K=64), _c(8, 3, BLOCK_M=64, BLOCK_K=128)]
+        return [_c(4, 3, BLOCK_M=64, BLOCK_K=128), _c(8, 3, BLOCK_M=128, BLOCK_K=128), _c(8, 3, BLOCK_M=64, BLOCK_K=256),
+                _c(4, 4, BLOCK_M=128, BLOCK_K=64), _c(8, 3, BLOCK_M=256, BLOCK_K=128)]
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def _family(kernel: str) -> str:
+    return "lowrank_gemm" if kernel in ("base_expand", "dx") else kernel
+
+
+_CHOICES: dict[tuple, TileConfig] = {}
+
+
+def tuned_choices() -> dict[tuple, TileConfig]:
+    """The configurations chosen so far, keyed by (kernel, spec key, shape bucket)."""
+    return dict(_CHOICES)
+
+
+def shape_bucket(m: int) -> int:
+    """Token counts are bucketed to the next power of two (feature sizes are used exactly)."""
+    return 1 << max(0, m - 1).bit_length()
+
+
+def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: int, launch: Callable[[TileConfig], Any]) -> Any:
+    """Run ``launch`` with the best configuration for (kernel, spec, shape bucket) and return its result.
+
+    ``shape`` is (M, other dims...); M is bucketed. ``launch`` must be re-runnable (it
+    allocates or zeroes its own outputs), since tuning calls it once per candidate.
+    """
+    key = (kernel, spec_key, shape_bucket(shape[0]), shape[1:])
+    best = _CHOICES.get(key)
+    if best is not None:
+        return launch(best)
+    candidates = configs(kernel, rank_bucket)
+    if (len(candidates) == 1 or torch.cuda.is_current_stream_capturing()):
+        best = candidates[0]  # nothing to choose, or no timing allowed inside a graph capture
+    else:
+        import triton.testing
+
+        timings = []
+        for cfg in candidates:
+            try:
+                timings.append(triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25, return_mode="median"))
+            except Exception:  # a configuration that does not fit (shared memory, registers) is skipped
+                timings.append(float("inf"))
+        best = candidates[min(range(len(candidates)), key=timings.__getitem__)]
+        _CHOICES[key] = best
+    return launch(best)

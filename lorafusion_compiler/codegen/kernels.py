@@ -1,0 +1,307 @@
+"""Launchers of the five generated Triton kernels: the ``"triton"`` kernel set.
+
+Same functions, signatures and return dtypes as ``lorafusion_compiler.ops.reference``
+(x [M,K], W [N,K], bias [N], A [r,K], B [N,r], S/dS [M,r]; any strides). The dropout seed
+is an int64 one-element tensor on the device, read inside the kernels (no host sync), so
+every launcher is CUDA-graph capturable once its shape bucket has been tuned.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import triton
+
+from ..ops.dropout_mask import drop_threshold
+from .autotune import TileConfig, interpreting, run_tuned
+from .cache import load_kernel
+from .render import KernelSpec, rank_bucket
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # older Triton: pointer loads only
+    _TensorDescriptor = None
+
+_KNOBS = getattr(triton, "knobs", None)
+
+__all__ = ["shrink", "base_expand", "ds_db", "da", "dx"]
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def _dtype_name(name: str, t: torch.Tensor) -> str:
+    if t.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernels take float16, bfloat16 or float32")
+    return _DTYPE_NAMES[t.dtype]
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple[int | None, ...], device: torch.device) -> None:
+    if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple('*' if s is None else s for s in shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _dropout_args(seed: torch.Tensor, p: float, device: torch.device) -> tuple[int, float]:
+    """(threshold, 1/(1-p)) runtime arguments; validates p and the seed tensor."""
+    threshold = drop_threshold(p)
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"seed must be a one-element int64 tensor, got dtype {seed.dtype} with {seed.numel()} elements")
+    if seed.device != device:
+        raise ValueError(f"seed is on {seed.device}, expected {device} (it is read inside the kernels)")
+    return threshold, 1.0 / (1.0 - p)
+
+
+@lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors (a small stand-in under the interpreter, to exercise the split paths)."""
+    if interpreting() or device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split(blocks: int, other_blocks: int, device: torch.device) -> int:
+    """Power-of-two split of ``blocks`` so that the grid has about 2 programs per SM."""
+    want = triton.cdiv(2 * _num_sms(device), max(other_blocks, 1))
+    return max(1, min(triton.next_power_of_2(want), triton.next_power_of_2(blocks)))
+
+
+_COMPILED: dict[tuple, object] = {}
+
+
+def _arg_signature(args: tuple) -> tuple:
+    """What Triton specialises a launch on: tensor dtype + 16-byte alignment, int size/divisibility."""
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif _TensorDescriptor is not None and isinstance(a, _TensorDescriptor):
+            sig.append((a.base.dtype, tuple(a.block_shape), a.base.data_ptr() % 16 == 0))
+        elif isinstance(a, int):
+            sig.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
+        else:
+            sig.append(type(a))
+    return tuple(sig)
+
+
+def _launch(kernel, grid: tuple[int, ...], args: tuple, cfg: TileConfig, **constexprs: int) -> None:
+    """``kernel[grid](*args, **constexprs, **cfg.kwargs)``, skipping Triton's per-call binder once the
+    compiled kernel for this specialisation is known (saves ~20 us of host time per launch)."""
+    if 0 in grid:  # empty input (M == 0): nothing to compute, and CUDA rejects empty grids
+        return
+    if interpreting() or _KNOBS is None:
+        kernel[grid](*args, **constexprs, **cfg.kwargs)
+        return
+    key = (kernel, cfg, tuple(constexprs.items()), torch.cuda.current_device(), _arg_signature(args))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        _COMPILED[key] = kernel[grid](*args, **constexprs, **cfg.kwargs)
+        return
+    meta = {**cfg.meta, **constexprs}
+    full = (*args, *(meta[name] for name in kernel.arg_names[len(args):]))
+    stream = torch.cuda.current_stream().cuda_stream
+    grid = (*grid, 1, 1)
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *full),
+                 _KNOBS.runtime.launch_enter_hook, _KNOBS.runtime.launch_exit_hook, *full)
+
+
+@lru_cache(maxsize=None)
+def _prepare(kernel: str, **fields) -> tuple[object, str, int]:
+    """(compiled-on-demand kernel, spec key, rank bucket) for ``kernel`` and KernelSpec ``fields`` (cached)."""
+    spec = KernelSpec(**fields).for_kernel(kernel)
+    return load_kernel(kernel, spec), spec.key, spec.rank_bucket
+
+
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """S = dropout(x) Aᵀ: x [M,K], A [r,K] -> S [M,r] in A's dtype (the mask is never stored)."""
+    _check("x", x, (None, None), x.device)
+    m, k = x.shape
+    _check("lora_a", lora_a, (None, k), x.device)
+    r = lora_a.shape[0]
+    threshold, inv_keep = _dropout_args(seed, p, x.device)
+    kernel, key, rb = _prepare("shrink", dtype=_dtype_name("x", x), adapter_dtype=_dtype_name("lora_a", lora_a),
+                               dropout=p != 0.0, rank_bucket=rank_bucket(r), aligned8=k % 8 == 0)
+    dev = x.device
+
+    def launch(cfg: TileConfig) -> torch.Tensor:
+        m_blocks, k_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_K"])
+        k_split = _split(k_blocks, m_blocks, dev)
+        if k_split == 1:
+            out = torch.empty(1, m, r, dtype=lora_a.dtype, device=dev)
+        else:
+            out = torch.empty(k_split, m, r, dtype=torch.float32, device=dev)
+        _launch(kernel, (m_blocks, k_split),
+                (x, lora_a, out, seed, m, k, r, threshold, inv_keep, m * r, *x.stride(), *lora_a.stride(), r, 1),
+                cfg, BLOCK_R=rb, K_SPLIT=k_split)
+        return out
+
+    out = run_tuned("shrink", key, (m, k), rb, launch)
+    out = out[0] if out.shape[0] == 1 else out.sum(0)
+    return out if out.dtype == lora_a.dtype else out.to(lora_a.dtype)
+
+
+def _tma_ok(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether the GEMM operands can be read through TMA descriptors (Hopper+, 16-byte aligned rows)."""
+    if weight is None or interpreting() or not x.is_cuda or _TensorDescriptor is None:
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9 or x.dtype != weight.dtype:
+        return False
+    size = x.element_size()
+    return all(t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x, weight))
+
+
+def _lowrank_gemm(
+    kernel_name: str, fields: dict, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    low_l: torch.Tensor, low_r: torch.Tensor, lscale: float, seed: torch.Tensor, threshold: int, out: torch.Tensor,
+) -> torch.Tensor:
+    """out[M,P] = x[M,Q] Wm[Q,P] (+ bias) + epi(low_l[M,R] low_r[R,P]); see lowrank_gemm.py.jinja.
+
+    Wm is ``weight.t()`` for base_expand (W [N,K]) and ``weight`` for dx.
+    """
+    tma = _tma_ok(x, weight)
+    kernel, key, rb = _prepare(kernel_name, **fields, tma=tma)
+    m, p = out.shape
+    r = low_l.shape[1]
+    q = x.shape[1] if weight is not None else 0
+    wm = None if weight is None else (weight.t() if kernel_name == "base_expand" else weight)
+    wm_ = wm if wm is not None else low_r
+    bias_ = bias if bias is not None else out
+    block_r = min(rb, 64)
+
+    def launch(cfg: TileConfig) -> torch.Tensor:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]),)
+        xa, wa = x, wm_
+        if tma:
+            xa = _TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_Q"]])
+            w_block = [cfg["BLOCK_P"], cfg["BLOCK_Q"]] if kernel_name == "base_expand" else [cfg["BLOCK_Q"], cfg["BLOCK_P"]]
+            wa = _TensorDescriptor.from_tensor(weight, w_block)
+        _launch(kernel, grid,
+                (xa, wa, bias_, low_l, low_r, out, seed, m, p, q, r, lscale, threshold,
+                 *x.stride(), *wm_.stride(), *low_l.stride(), *low_r.stride(), *out.stride()),
+                cfg, BLOCK_R=block_r)
+        return out
+
+    return run_tuned(kernel_name, key, (m, p, q), rb, launch)
+
+
+def base_expand(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, s_act: torch.Tensor,
+    lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """y = x Wᵀ + bias + scale·S Bᵀ -> [M,N] in ``out_dtype``; without W only the LoRA term."""
+    _check("x", x, (None, None), x.device)
+    m, k = x.shape
+    _check("s_act", s_act, (m, None), x.device)
+    r = s_act.shape[1]
+    _check("lora_b", lora_b, (None, r), x.device)
+    n = lora_b.shape[0]
+    if weight is not None:
+        _check("weight", weight, (n, k), x.device)
+    if bias is not None:
+        if weight is None:
+            raise ValueError("bias given without weight")
+        _check("bias", bias, (n,), x.device)
+    fields = dict(dtype=_dtype_name("x", x), adapter_dtype=_dtype_name("lora_b", lora_b),
+                  has_weight=weight is not None, has_bias=bias is not None, rank_bucket=rank_bucket(r))
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    dummy_seed = s_act  # never read: base_expand has no dropout
+    return _lowrank_gemm("base_expand", fields, x, weight, bias,
+                         s_act, lora_b.t(), float(scale), dummy_seed, 0, out)
+
+
+def ds_db(
+    dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor, scale: float, *, deterministic: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dS = s·dY B [M,r] (fp32) and dB = s·dYᵀ S [N,r] (B's dtype) from one read of dY [M,N].
+
+    ``deterministic``: partial sums go to per-program workspace slots summed in a fixed order
+    (bitwise reproducible, extra memory (M/BLOCK_M)·N·r·4 bytes) instead of fp32 atomics.
+    """
+    _check("dy", dy, (None, None), dy.device)
+    m, n = dy.shape
+    _check("lora_b", lora_b, (n, None), dy.device)
+    r = lora_b.shape[1]
+    _check("s_act", s_act, (m, r), dy.device)
+    kernel, key, rb = _prepare("ds_db", dtype=_dtype_name("dy", dy), adapter_dtype=_dtype_name("lora_b", lora_b),
+                               rank_bucket=rank_bucket(r), deterministic=deterministic)
+    dev = dy.device
+
+    def launch(cfg: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        m_blocks, n_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
+        n_split = _split(n_blocks, m_blocks, dev)
+        if deterministic:
+            d_s = torch.empty(n_split, m, r, dtype=torch.float32, device=dev)
+            d_b = torch.empty(m_blocks, n, r, dtype=torch.float32, device=dev)
+        else:  # one zero-filled buffer for both atomic targets: one fill launch, not two
+            both = torch.zeros((m + n) * r, dtype=torch.float32, device=dev)
+            d_s, d_b = both[: m * r].view(1, m, r), both[m * r:].view(1, n, r)
+        _launch(kernel, (m_blocks, n_split),
+                (dy, lora_b, s_act, d_s, d_b, m, n, r, float(scale), m * r, n * r,
+                 *dy.stride(), *lora_b.stride(), *s_act.stride(), r, 1, r, 1),
+                cfg, BLOCK_R=rb, N_SPLIT=n_split)
+        return d_s, d_b
+
+    d_s, d_b = run_tuned("ds_db", key, (m, n, r), rb, launch)
+    d_s = d_s[0] if d_s.shape[0] == 1 else d_s.sum(0)
+    d_b = d_b[0] if d_b.shape[0] == 1 else d_b.sum(0)
+    return d_s, (d_b if d_b.dtype == lora_b.dtype else d_b.to(lora_b.dtype))
+
+
+def da(
+    x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *, deterministic: bool = False
+) -> torch.Tensor:
+    """dA = dSᵀ x̃: dS [M,r], x [M,K] -> [r,K] in ``a_dtype``, the mask regenerated from ``seed``.
+
+    ``deterministic``: per-split workspace slots summed in a fixed order instead of atomics.
+    """
+    _check("x", x, (None, None), x.device)
+    m, k = x.shape
+    _check("ds", ds, (m, None), x.device)
+    r = ds.shape[1]
+    threshold, inv_keep = _dropout_args(seed, p, x.device)
+    kernel, key, rb = _prepare("da", dtype=_dtype_name("x", x), adapter_dtype=_DTYPE_NAMES.get(a_dtype, "float32"),
+                               dropout=p != 0.0, rank_bucket=rank_bucket(r), aligned8=k % 8 == 0,
+                               deterministic=deterministic)
+    dev = x.device
+
+    def launch(cfg: TileConfig) -> torch.Tensor:
+        k_blocks, m_blocks = triton.cdiv(k, cfg["BLOCK_K"]), triton.cdiv(m, cfg["BLOCK_M"])
+        m_split = _split(m_blocks, k_blocks, dev)
+        if m_split == 1:
+            out = torch.empty(1, r, k, dtype=a_dtype, device=dev)
+        elif deterministic:
+            out = torch.empty(m_split, r, k, dtype=torch.float32, device=dev)
+        else:
+            out = torch.zeros(1, r, k, dtype=torch.float32, device=dev)
+        _launch(kernel, (k_blocks, m_split),
+                (x, ds, seed, out, m, k, r, threshold, inv_keep, r * k, *x.stride(), *ds.stride(), k, 1),
+                cfg, BLOCK_R=rb, M_SPLIT=m_split)
+        return out
+
+    out = run_tuned("da", key, (m, k, r), rb, launch)
+    out = out[0] if out.shape[0] == 1 else out.sum(0)
+    return out if out.dtype == a_dtype else out.to(a_dtype)
+
+
+def dx(
+    dy: torch.Tensor, weight: torch.Tensor | None, ds: torch.Tensor, lora_a: torch.Tensor,
+    seed: torch.Tensor, p: float, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """dX = dY W + m ⊙ (dS A)/(1-p) -> [M,K] in ``out_dtype``; without W only the LoRA term."""
+    _check("dy", dy, (None, None), dy.device)
+    m, n = dy.shape
+    _check("ds", ds, (m, None), dy.device)
+    r = ds.shape[1]
+    _check("lora_a", lora_a, (r, None), dy.device)
+    k = lora_a.shape[1]
+    if weight is not None:
+        _check("weight", weight, (n, k), dy.device)
+    threshold, inv_keep = _dropout_args(seed, p, dy.device)
+    base = weight if weight is not None else dy
+    fields = dict(dtype=_dtype_name("weight" if weight is not None else "dy", base),
+                  adapter_dtype=_dtype_name("lora_a", lora_a), has_weight=weight is not None,
+                  dropout=p != 0.0, rank_bucket=rank_bucket(r), aligned8=k % 8 == 0)
+    out = torch.empty(m, k, dtype=out_dtype, device=dy.device)
+    return _lowrank_gemm("dx", fields, dy, weight, None, ds, lora_a, inv_keep, seed, threshold, out)
