@@ -1,9 +1,12 @@
-"""The ``lorafusion`` command line: ``lorafusion demo``, ``lorafusion schedule``."""
+"""The ``lorafusion`` command line: ``lorafusion demo``, ``lorafusion train``, ``lorafusion schedule``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -34,6 +37,26 @@ def _multi_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from lorafusion_compiler.product.train import run_train
+    from lorafusion_compiler.product.train_config import load_train_config
+
+    config = load_train_config(args.config)
+    if args.out_dir:
+        config = dataclasses.replace(config, out_dir=args.out_dir)
+    if args.resume:
+        config = dataclasses.replace(config, resume=True)
+    report = run_train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {len(report['jobs'])} job(s) in {report['seconds']:.1f} s on {report['stages']} stage(s); "
+              f"peak memory {report['peak_memory_gib']:.2f} GiB; bubble ratio (stage 0) {report['bubble_ratio_this_stage']:.1%}")
+        for name, job in report["jobs"].items():
+            rate = f"{job['tokens_per_s']:.0f} tokens/s" if job["tokens_per_s"] else "-"
+            print(f"  {name:<12} {job['steps_done']} steps  loss {job['first_loss']:.3f} -> {job['last_loss']:.3f}  {rate}")
+        print(f"adapters (PEFT format), metrics, report.json and {Path(report['timeline_png']).name} in {config.out_dir}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafusion", description="Fast LoRA fine-tuning with torch.compile")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--adapters", type=int, default=1, help="adapters trained together, one per shipped text (1-4, default 1)")
     demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="train the LoRA jobs of a YAML/JSON config together (CPU, GPU or torchrun)")
+    train.add_argument("config", help="config file; example: lorafusion_compiler/product/examples/train.yaml")
+    train.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
+    train.set_defaults(func=_train)
     try:
         from lorafusion_compiler.scheduler.cli import add_schedule_subcommand
     except ImportError:

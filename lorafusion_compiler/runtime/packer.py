@@ -34,7 +34,7 @@ import torch
 from .adapter_batch import AdapterBatch
 from .jobs import PipelineJob
 
-__all__ = ["Item", "PackedMicrobatch", "Round", "block_causal_mask", "pack_microbatch", "plan_rounds", "plan_schedule"]
+__all__ = ["Item", "PackedMicrobatch", "Round", "block_causal_mask", "pack_microbatch", "plan_rounds", "plan_schedule", "scheduler_jobs"]
 
 Item = tuple[str, int, int]
 """``(job_name, step, sample_index)`` as produced by the scheduler."""
@@ -178,12 +178,18 @@ def plan_schedule(jobs: Sequence[PipelineJob], *, capacity: int, pad_multiple: i
 
     ``options`` go to ``lorafusion_compiler.scheduler.schedule`` (``time_limit_s``, ``seed``, ``solver``...).
     """
-    from ..scheduler import Job, schedule
+    from ..scheduler import schedule
 
-    plan_jobs = [
+    plan = schedule(scheduler_jobs(jobs), capacity=capacity, pad_multiple=pad_multiple, stages=stages, **options)
+    return [[tuple(item) for item in mb.items] for mb in plan.microbatches]
+
+
+def scheduler_jobs(jobs: Sequence[PipelineJob]) -> list:
+    """The scheduler's view (``scheduler.Job``) of pipeline jobs: lengths, batch size, steps."""
+    from ..scheduler import Job
+
+    return [
         Job(name=job.name, lengths=job.lengths, global_batch_size=job.global_batch_size, rank=job.rank,
             epochs=job.epochs_needed, max_steps=job.num_steps)
         for job in jobs
     ]
-    plan = schedule(plan_jobs, capacity=capacity, pad_multiple=pad_multiple, stages=stages, **options)
-    return [[tuple(item) for item in mb.items] for mb in plan.microbatches]
