@@ -7,7 +7,7 @@ from torch import nn
 
 from lorafusion_compiler.ops.dropout_mask import keep_mask
 
-__all__ = ["assert_rel_close", "rel_error", "SeededDropout", "use_seeded_dropout", "adapter_grads", "compare_compiled_to_eager"]
+__all__ = ["assert_rel_close", "rel_error", "SeededDropout", "use_seeded_dropout", "adapter_grads", "compare_compiled_to_eager", "LossOf"]
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -56,6 +56,17 @@ def use_seeded_dropout(model: nn.Module) -> int:
                 parent.register_module(name, SeededDropout(child.p).train(child.training))
                 count += 1
     return count
+
+
+class LossOf(nn.Module):
+    """Wraps a causal LM so the compiled module returns one tensor: the LM loss of ``ids``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, labels=ids).loss
 
 
 def adapter_grads(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,20 +3,9 @@
 import pytest
 import torch
 
-from helpers import adapter_grads, assert_rel_close, use_seeded_dropout
+from helpers import LossOf, adapter_grads, assert_rel_close, use_seeded_dropout
 from lorafusion_compiler.product.tiny_llama import TinyLlamaConfig, add_lora, build_tiny_llama
 from lorafusion_compiler.report import collect_reports
-
-
-class _LossOf(torch.nn.Module):
-    """Wraps a causal LM so compare-style helpers see one tensor output (the loss)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids, labels=ids).loss
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
@@ -24,7 +13,7 @@ def test_tiny_llama_all_projections_match_eager(p):
     model = add_lora(build_tiny_llama(TinyLlamaConfig(num_layers=2)), rank=8, alpha=16, dropout=p)
     model.train()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
-    wrapped = _LossOf(model)
+    wrapped = LossOf(model)
     compiled = torch.compile(wrapped, backend="lorafusion")  # Inductor for the rest of the graph
     torch.manual_seed(11)
     with collect_reports() as report:
