@@ -104,3 +104,21 @@ def test_cli_multi_adapter_demo_every_adapter_learns(capsys):
     assert [r[0] for r in rows] == ["tales", "recipes", "code"]
     for row in rows:
         assert float(row[-1]) < float(row[2]) - 0.1, row
+
+
+def test_auto_kernel_choice_per_device_and_dtype():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lorafusion_compiler.backend import kernel_set_for
+    from lorafusion_compiler.config import LoRAFusionConfig
+
+    with FakeTensorMode():
+        cuda_bf16 = torch.empty(4, 8, device="cuda", dtype=torch.bfloat16)
+        cuda_f64 = torch.empty(4, 8, device="cuda", dtype=torch.float64)
+    auto, forced = LoRAFusionConfig(), LoRAFusionConfig(kernels="torch")
+    assert kernel_set_for(cuda_bf16, torch.float32, auto) == "triton"  # PEFT default: fp32 adapters, bf16 base
+    assert kernel_set_for(cuda_bf16, torch.bfloat16, auto, multi=True) == "triton"
+    assert kernel_set_for(cuda_bf16, torch.float32, auto, multi=True) == "torch"  # not yet validated on GPU
+    assert kernel_set_for(cuda_f64, torch.float64, auto) == "torch"
+    assert kernel_set_for(torch.empty(4, 8), torch.float32, auto) == "torch"  # CPU
+    assert kernel_set_for(cuda_bf16, torch.bfloat16, forced) == "torch"

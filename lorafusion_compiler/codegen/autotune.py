@@ -4,7 +4,8 @@ On the GPU the first call of a (kernel, spec, shape bucket) times every configur
 with CUDA events (``triton.testing.do_bench``, median) and keeps the fastest; later calls
 only look the choice up, so nothing is host-synchronised per call. Under
 TRITON_INTERPRET=1 (no driver, no timing) and during CUDA-graph capture one fixed
-configuration is used.
+configuration is used. ``LORAFUSION_TUNE_MAX=n`` limits tuning to the first n candidates
+(quick benchmark runs: less compile time).
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: i
     if best is not None:
         return launch(best)
     candidates = configs(kernel, rank_bucket)
+    limit = int(os.environ.get("LORAFUSION_TUNE_MAX", "0") or 0)
+    if limit > 0:  # quick tuning (benchmark scripts): only the first ``limit`` candidates
+        candidates = candidates[:limit]
     if (len(candidates) == 1 or torch.cuda.is_current_stream_capturing()):
         best = candidates[0]  # nothing to choose, or no timing allowed inside a graph capture
     else:

@@ -25,7 +25,7 @@ except ImportError:  # older Triton: pointer loads only
 
 _KNOBS = getattr(triton, "knobs", None)
 
-__all__ = ["shrink", "base_expand", "ds_db", "da", "dx"]
+__all__ = ["shrink", "base_expand", "ds_db", "da", "dx", "multi_forward", "multi_backward"]
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -305,3 +305,6 @@ def dx(
                   dropout=p != 0.0, rank_bucket=rank_bucket(r), aligned8=k % 8 == 0)
     out = torch.empty(m, k, dtype=out_dtype, device=dy.device)
     return _lowrank_gemm("dx", fields, dy, weight, None, ds, lora_a, inv_keep, seed, threshold, out)
+
+
+from .multi import multi_backward, multi_forward  # noqa: E402  (multi-adapter launchers; import after the helpers they use)

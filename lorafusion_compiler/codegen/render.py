@@ -24,11 +24,11 @@ _TEMPLATE = {"shrink": "shrink", "base_expand": "lowrank_gemm", "ds_db": "ds_db"
 _DTYPES = ("float16", "bfloat16", "float32")
 _RANK_BUCKETS = (16, 32, 64, 128, 256)
 _USES = {
-    "shrink": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8"),
-    "base_expand": ("dtype", "adapter_dtype", "has_weight", "has_bias", "rank_bucket", "tma"),
-    "ds_db": ("dtype", "adapter_dtype", "rank_bucket", "deterministic"),
-    "da": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "deterministic"),
-    "dx": ("dtype", "adapter_dtype", "has_weight", "dropout", "rank_bucket", "aligned8", "tma"),
+    "shrink": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "multi"),
+    "base_expand": ("dtype", "adapter_dtype", "has_weight", "has_bias", "rank_bucket", "tma", "multi"),
+    "ds_db": ("dtype", "adapter_dtype", "rank_bucket", "deterministic", "multi"),
+    "da": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "deterministic", "multi"),
+    "dx": ("dtype", "adapter_dtype", "has_weight", "dropout", "rank_bucket", "aligned8", "tma", "multi"),
 }
 
 
@@ -63,6 +63,9 @@ class KernelSpec:
     """No atomics: partial sums go to workspace slots that are reduced in a fixed order."""
     tma: bool = False
     """GEMM main loop reads x/dY and W through Hopper TMA descriptors (GPU, sm_90+, aligned rows)."""
+    multi: bool = False
+    """Multi-adapter: each row piece reads its adapter (A/B pointers and strides, rank, scale,
+    threshold, 1/(1-p), seed) from device tables instead of the scalar arguments."""
 
     def __post_init__(self) -> None:
         for name in ("dtype", "adapter_dtype"):
@@ -82,7 +85,8 @@ class KernelSpec:
             for tag, name in (("w", "has_weight"), ("b", "has_bias"), ("p", "dropout"), ("dx", "needs_dx"),
                               ("a8_", "aligned8"), ("det", "deterministic"), ("tma", "tma"))
         )
-        return f"{short[self.dtype]}-{short[self.adapter_dtype]}-r{self.rank_bucket}-{flags}"
+        multi = "-multi" if self.multi else ""
+        return f"{short[self.dtype]}-{short[self.adapter_dtype]}-r{self.rank_bucket}-{flags}{multi}"
 
     @property
     def compute_dtype(self) -> str:

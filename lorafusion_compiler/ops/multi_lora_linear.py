@@ -130,6 +130,13 @@ def _(x, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, out_dty
     return y, s_act, x.new_empty(len(lora_a), dtype=torch.int64)
 
 
+def _own_storage(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` in separate allocations (``torch._foreach_copy_``: one fused launch)."""
+    outs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+    torch._foreach_copy_(outs, tensors)
+    return outs
+
+
 @torch.library.custom_op("lorafusion::multi_lora_linear_backward", mutates_args=())
 def multi_lora_linear_backward(
     dy: Tensor,
@@ -154,6 +161,9 @@ def multi_lora_linear_backward(
         d_x, d_a, d_b = impl.multi_backward(
             dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx, deterministic=deterministic
         )
+        # The kernels return views of one packed buffer; a custom op's outputs may not alias
+        # each other, so give each gradient its own storage (one multi-tensor copy launch).
+        d_a, d_b = _own_storage(d_a), _own_storage(d_b)
         return (d_x.reshape(x.shape) if needs_dx else x.new_empty(0)), d_a, d_b
     ref = get_kernel_set("torch")
     ranges = _row_ranges(adapter_rows, x2.shape[0])

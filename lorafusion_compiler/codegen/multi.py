@@ -1,0 +1,301 @@
+"""Launchers of the multi-adapter specialisation (``KernelSpec.multi``) of the five kernels.
+
+Routing: rows of x [M, K] are owned by adapters through ``adapter_rows`` [n, 2] (start,
+count; one contiguous range per adapter, gaps get the base layer only). Per launch the
+rows are cut into *pieces* at every multiple of BLOCK_M and at every range boundary, so a
+piece has <= BLOCK_M rows of one adapter (or of none). The piece table is built on the
+device with torch ops (no host sync) and has a fixed length cdiv(M, BLOCK_M) + 2n, so its
+size never depends on the routing values (empty pieces are skipped by the kernels):
+
+* shrink / ds_db: one program per piece (pieces of no adapter exit at once);
+* base_expand / dx: regular BLOCK_M row blocks (the base GEMM is never split); the pieces
+  of a row block (found through a per-block index) add their own rows' low-rank terms;
+* da: each program walks a contiguous run of pieces, flushing its partial dA into the
+  adapter's block of a packed buffer when the adapter changes.
+
+Per-adapter parameters live in two small device tables (int64: A/B pointers and strides,
+rank, dropout threshold, dA/dB offsets in the packed gradient buffers; fp32: scale,
+1/(1-p)), cached by value, so a steady-state call copies nothing host-to-device. Piece
+tables are cached per ``adapter_rows`` tensor (weakly, by identity and version).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import triton
+
+from ..ops.dropout_mask import drop_threshold
+from .autotune import TileConfig, run_tuned
+from .kernels import (
+    _DTYPE_NAMES,
+    _dtype_name,
+    _launch,
+    _prepare,
+    _split,
+    _TensorDescriptor,
+    _tma_ok,
+)
+from .render import rank_bucket
+
+__all__ = ["multi_backward", "multi_forward"]
+
+_MAX_ADAPTERS = 256
+
+_ADAPTER_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
+
+
+def _adapter_tables(lora_a, lora_b, scales, dropout_ps, device):
+    """(int64 [n, 12], fp32 [n, 2], dA offsets, dB offsets) for these adapters, cached by value.
+
+    int64 columns: A ptr, A strides (2), B ptr, B strides (2), rank, threshold, dA offset,
+    dB offset (elements, in the packed fp32 gradient buffers), unused; fp32: scale, 1/(1-p).
+    """
+    key = (device, tuple((a.data_ptr(), a.stride(), a.shape[0]) for a in lora_a),
+           tuple((b.data_ptr(), b.stride()) for b in lora_b), tuple(map(float, scales)), tuple(map(float, dropout_ps)))
+    hit = _ADAPTER_TABLES.get(key)
+    if hit is not None:
+        return hit
+    k = lora_a[0].shape[1]
+    n_out = lora_b[0].shape[0]
+    rows, da_off, db_off = [], [], []
+    oa = ob = 0
+    for a, b, p in zip(lora_a, lora_b, dropout_ps):
+        r = a.shape[0]
+        da_off.append(oa)
+        db_off.append(ob)
+        rows.append([a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1),
+                     r, drop_threshold(p), oa, ob, 0, 0])
+        oa += r * k
+        ob += n_out * r
+    itab = torch.tensor(rows, dtype=torch.int64).to(device)
+    ftab = torch.tensor([[float(s), 1.0 / (1.0 - p)] for s, p in zip(scales, dropout_ps)], dtype=torch.float32).to(device)
+    if len(_ADAPTER_TABLES) > 256:
+        _ADAPTER_TABLES.clear()
+    out = (itab, ftab, da_off + [oa], db_off + [ob])
+    _ADAPTER_TABLES[key] = out
+    return out
+
+
+_PIECES: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def build_pieces(adapter_rows: torch.Tensor, m: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pieces int32 [T, 4] = (row start, row end, adapter or -1, adapter's first row),
+    block index int32 [cdiv(M, BLOCK_M) + 1]: pieces of row block b are blk[b] .. blk[b+1]-1,
+    spans int32 [n, 2]: first and last piece of each adapter).
+
+    T = cdiv(M, BLOCK_M) + 2n regardless of the values, so nothing is read back to the host.
+    """
+    dev = adapter_rows.device
+    n = adapter_rows.shape[0]
+    live = adapter_rows[:, 1] > 0  # adapters without rows cut nothing (their start could be anywhere)
+    starts = torch.where(live, adapter_rows[:, 0], 0).clamp(0, m)
+    ends = torch.where(live, adapter_rows[:, 0] + adapter_rows[:, 1], 0).clamp(0, m)
+    grid_pts = torch.arange(0, m, block_m, device=dev, dtype=torch.int64)
+    pts = torch.cat([grid_pts, starts, ends, torch.full((1,), m, device=dev, dtype=torch.int64)]).sort().values
+    lo, hi = pts[:-1], pts[1:]
+    owner = (starts[None, :] <= lo[:, None]) & (lo[:, None] < ends[None, :]) & (hi > lo)[:, None]
+    has = owner.any(1)
+    ad = torch.where(has, owner.to(torch.int32).argmax(1), -1)
+    seg0 = torch.where(has, starts[ad.clamp(min=0).long()], 0)
+    pieces = torch.stack([lo, hi, ad.to(torch.int64), seg0], 1).to(torch.int32).contiguous()
+    n_blocks = triton.cdiv(m, block_m)
+    bounds = torch.arange(0, n_blocks + 1, device=dev, dtype=torch.int64) * block_m
+    blk = torch.searchsorted(lo.contiguous(), bounds).to(torch.int32)
+    return pieces, blk, _spans(ad, n)
+
+
+def _spans(ad: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [n, 2]: first and last piece of each adapter (T and -1 for adapters without rows)."""
+    t = ad.shape[0]
+    idx = torch.arange(t, device=ad.device)
+    valid = ad >= 0
+    slot = ad.clamp(min=0).long()
+    first = torch.full((n,), t, dtype=torch.int64, device=ad.device).scatter_reduce(
+        0, slot, torch.where(valid, idx, t), reduce="amin")
+    last = torch.full((n,), -1, dtype=torch.int64, device=ad.device).scatter_reduce(
+        0, slot, torch.where(valid, idx, -1), reduce="amax")
+    return torch.stack([first, last], 1).to(torch.int32).contiguous()
+
+
+def _pieces(adapter_rows: torch.Tensor, m: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``build_pieces`` cached per adapter_rows tensor (identity + version), M and BLOCK_M.
+
+    During CUDA-graph capture the table is built inside the graph (device ops only), so a
+    replay follows new routing values written into the same adapter_rows tensor.
+    """
+    if adapter_rows.is_cuda and torch.cuda.is_current_stream_capturing():
+        return build_pieces(adapter_rows, m, block_m)
+    entry = _PIECES.get(id(adapter_rows))
+    if entry is None or entry[0]() is not adapter_rows:
+        tid = id(adapter_rows)
+        def _drop(ref, tid=tid):
+            if tid in _PIECES and _PIECES[tid][0] is ref:
+                del _PIECES[tid]
+        entry = _PIECES[tid] = (weakref.ref(adapter_rows, _drop), {})
+    per = entry[1]
+    key = (adapter_rows._version, m, block_m)
+    hit = per.get(key)
+    if hit is None:
+        if len(per) > 16:
+            per.clear()
+        hit = per[key] = build_pieces(adapter_rows, m, block_m)
+    return hit
+
+
+def _common(x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds):
+    n = len(lora_a)
+    if not 1 <= n <= _MAX_ADAPTERS:
+        raise ValueError(f"{n} adapters; the multi-adapter kernels take 1..{_MAX_ADAPTERS}")
+    if seeds.dtype != torch.int64 or seeds.numel() != n or seeds.device != x2.device:
+        raise ValueError(f"seeds must be int64 [{n}] on {x2.device}")
+    if adapter_rows.device != x2.device:
+        adapter_rows = adapter_rows.to(x2.device)
+    ranks = [a.shape[0] for a in lora_a]
+    rs = max(ranks)
+    return n, ranks, rs, rank_bucket(rs), adapter_rows
+
+
+def _gemm(kernel_name, fields, x, weight, bias, low_l, lscale_unused, seeds, out, adapter_rows, itab, ftab, rb):
+    """Multi-adapter base_expand / dx: out = x Wm (+bias) + per-row-adapter low-rank term."""
+    tma = _tma_ok(x, weight)
+    kernel, key, _ = _prepare(kernel_name, **fields, tma=tma, multi=True)
+    m, p = out.shape
+    q = x.shape[1] if weight is not None else 0
+    wm = None if weight is None else (weight.t() if kernel_name == "base_expand" else weight)
+    wm_ = wm if wm is not None else low_l
+    bias_ = bias if bias is not None else out
+    block_r = min(rb, 64)
+
+    def launch(cfg: TileConfig) -> torch.Tensor:
+        pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]),)
+        xa, wa = x, wm_
+        if tma:
+            xa = _TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_Q"]])
+            w_block = [cfg["BLOCK_P"], cfg["BLOCK_Q"]] if kernel_name == "base_expand" else [cfg["BLOCK_Q"], cfg["BLOCK_P"]]
+            wa = _TensorDescriptor.from_tensor(weight, w_block)
+        _launch(kernel, grid,
+                # R = 0: the pieces set the rank (an argument equal to 1 would be a constexpr)
+                (xa, wa, bias_, low_l, low_l, out, seeds, m, p, q, 0, 1.0, 0,
+                 *x.stride(), *wm_.stride(), *low_l.stride(), 0, 0, *out.stride(),
+                 pieces, blk, itab, ftab),
+                cfg, BLOCK_R=block_r)
+        return out
+
+    return run_tuned(kernel_name, key, (m, p, q), rb, launch)
+
+
+def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds, out_dtype):
+    """(y [M, N] in ``out_dtype``, S [M, max rank] in the adapters' dtype) for routed adapters."""
+    n, ranks, rs, rb, adapter_rows = _common(x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds)
+    m, k = x2.shape
+    n_out = lora_b[0].shape[0]
+    dev = x2.device
+    itab, ftab, _, _ = _adapter_tables(lora_a, lora_b, scales, dropout_ps, dev)
+    a_dtype = lora_a[0].dtype
+    dropout = any(p != 0.0 for p in dropout_ps)
+
+    kernel, key, _ = _prepare("shrink", dtype=_dtype_name("x", x2), adapter_dtype=_dtype_name("lora_a", lora_a[0]),
+                              dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0, multi=True)
+
+    def launch_shrink(cfg: TileConfig) -> torch.Tensor:
+        pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
+        t = pieces.shape[0]
+        k_split = _split(triton.cdiv(k, cfg["BLOCK_K"]), triton.cdiv(m, cfg["BLOCK_M"]), dev)
+        out = torch.empty(k_split, m, rs, dtype=a_dtype if k_split == 1 else torch.float32, device=dev)
+        _launch(kernel, (t, k_split),
+                (x2, lora_a[0], out, seeds, m, k, rs, 0, 1.0, m * rs, *x2.stride(), 0, 0, rs, 1,
+                 pieces, blk, itab, ftab),
+                cfg, BLOCK_R=rb, K_SPLIT=k_split)
+        return out
+
+    s_act = run_tuned("shrink", key, (m, k, n), rb, launch_shrink)
+    s_act = s_act[0] if s_act.shape[0] == 1 else s_act.sum(0)
+    s_act = s_act if s_act.dtype == a_dtype else s_act.to(a_dtype)
+
+    fields = dict(dtype=_dtype_name("x", x2), adapter_dtype=_dtype_name("lora_b", lora_b[0]),
+                  has_weight=weight is not None, has_bias=bias is not None, rank_bucket=rb)
+    y = torch.empty(m, n_out, dtype=out_dtype, device=dev)
+    y = _gemm("base_expand", fields, x2, weight, bias, s_act, None, seeds, y, adapter_rows, itab, ftab, rb)
+    return y, s_act
+
+
+def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx,
+                   *, deterministic: bool = False):
+    """(dX [M, K] (empty unless ``needs_dx``), [dA_i], [dB_i]); adapters without rows get zeros."""
+    n, ranks, rs, rb, adapter_rows = _common(x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds)
+    m, k = x2.shape
+    n_out = dy2.shape[1]
+    dev = x2.device
+    itab, ftab, da_off, db_off = _adapter_tables(lora_a, lora_b, scales, dropout_ps, dev)
+    a_dtype, b_dtype = lora_a[0].dtype, lora_b[0].dtype
+    dropout = any(p != 0.0 for p in dropout_ps)
+    if s_act.shape != (m, rs):
+        raise ValueError(f"s_act has shape {tuple(s_act.shape)}, expected {(m, rs)}")
+
+    # dS and dB
+    kernel, key, _ = _prepare("ds_db", dtype=_dtype_name("dy", dy2), adapter_dtype=_dtype_name("lora_b", lora_b[0]),
+                              rank_bucket=rb, deterministic=deterministic, multi=True)
+
+    def launch_ds_db(cfg: TileConfig):
+        pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
+        t = pieces.shape[0]
+        n_split = _split(triton.cdiv(n_out, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), dev)
+        if deterministic:
+            d_s = torch.empty(n_split, m, rs, dtype=torch.float32, device=dev)
+            d_b = torch.zeros(t, n_out, rs, dtype=torch.float32, device=dev)
+        else:
+            both = torch.zeros(m * rs + db_off[-1], dtype=torch.float32, device=dev)
+            d_s, d_b = both[: m * rs].view(1, m, rs), both[m * rs:]
+        _launch(kernel, (t, n_split),
+                (dy2, lora_b[0], s_act, d_s, d_b, m, n_out, rs, 1.0, m * rs, n_out * rs,
+                 *dy2.stride(), 0, 0, *s_act.stride(), rs, 1, rs, 1,
+                 pieces, blk, itab, ftab),
+                cfg, BLOCK_R=rb, N_SPLIT=n_split)
+        return d_s, d_b, pieces
+
+    d_s, d_b, pieces = run_tuned("ds_db", key, (m, n_out, rs, n), rb, launch_ds_db)
+    d_s = d_s[0] if d_s.shape[0] == 1 else d_s.sum(0)
+    if deterministic:  # per-piece slots -> per-adapter sums with one fixed-order GEMM
+        onehot = (pieces[:, 2][None, :] == torch.arange(n, device=dev, dtype=torch.int32)[:, None]).to(torch.float64)
+        red = (onehot @ d_b.view(d_b.shape[0], -1).to(torch.float64)).view(n, n_out, rs)  # exact: no TF32
+        d_b = torch.cat([red[i, :, : ranks[i]].reshape(-1) for i in range(n)]).to(torch.float32)
+
+    # dA
+    kernel, key, _ = _prepare("da", dtype=_dtype_name("x", x2), adapter_dtype=_DTYPE_NAMES.get(a_dtype, "float32"),
+                              dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0, deterministic=deterministic,
+                              multi=True)
+
+    def launch_da(cfg: TileConfig) -> torch.Tensor:
+        pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
+        t = pieces.shape[0]
+        k_blocks = triton.cdiv(k, cfg["BLOCK_K"])
+        groups = 1 if deterministic else _split(triton.cdiv(m, cfg["BLOCK_M"]), k_blocks, dev)
+        per = triton.cdiv(t, groups)
+        groups = triton.cdiv(t, per)
+        out = torch.zeros(da_off[-1], dtype=torch.float32, device=dev)
+        _launch(kernel, (k_blocks, groups),
+                (x2, d_s, seeds, out, per, k, t, 0, 1.0, 0, *x2.stride(), *d_s.stride(), k, 1,
+                 pieces, spans, itab, ftab),
+                cfg, BLOCK_R=rb, M_SPLIT=1 if groups == 1 else 2)
+        return out
+
+    d_a = run_tuned("da", key, (m, k, rs, n), rb, launch_da)
+
+    d_x = x2.new_empty(0)
+    if needs_dx:
+        base = weight if weight is not None else dy2
+        fields = dict(dtype=_dtype_name("weight" if weight is not None else "dy", base),
+                      adapter_dtype=_dtype_name("lora_a", lora_a[0]), has_weight=weight is not None,
+                      dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0)
+        d_x = torch.empty(m, k, dtype=x2.dtype, device=dev)
+        d_x = _gemm("dx", fields, dy2, weight, None, d_s, None, seeds, d_x, adapter_rows, itab, ftab, rb)
+
+    d_a = d_a if d_a.dtype == a_dtype else d_a.to(a_dtype)
+    d_b = d_b if d_b.dtype == b_dtype else d_b.to(b_dtype)
+    d_as = [d_a[da_off[i]: da_off[i + 1]].view(ranks[i], k) for i in range(n)]
+    d_bs = [d_b[db_off[i]: db_off[i + 1]].view(n_out, ranks[i]) for i in range(n)]
+    return d_x, d_as, d_bs

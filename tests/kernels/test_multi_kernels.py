@@ -1,0 +1,188 @@
+"""Multi-adapter kernels (``KernelSpec.multi``) against a float64 per-adapter reference.
+
+The reference regenerates each adapter's mask with ``keep_mask(seed_i, p_i, count_i, K)``
+over its own rows, so kernel and reference use the same masks. Runs in the Triton
+interpreter on CPU (small shapes, one large tile configuration).
+"""
+
+import pytest
+import torch
+
+from lorafusion_compiler.codegen import kernels as K
+from lorafusion_compiler.codegen.multi import build_pieces
+from lorafusion_compiler.ops.dropout_mask import keep_mask
+from lorafusion_compiler.ops.multi_lora_linear import multi_lora_linear
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def reference(x, w, bias, lora_a, lora_b, scales, ps, rows, seeds, dy):
+    """float64 (y, S, dX, [dA_i], [dB_i]) looping over adapters on their own rows."""
+    x, dy = x.double(), dy.double()
+    n_out = lora_b[0].shape[0]
+    y = x @ w.double().T if w is not None else x.new_zeros(x.shape[0], n_out)
+    if bias is not None:
+        y = y + bias.double()
+    dx = dy @ w.double() if w is not None else torch.zeros_like(x)
+    s_all = x.new_zeros(x.shape[0], max(a.shape[0] for a in lora_a))
+    d_a, d_b = [], []
+    for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+        start, count = rows[i].tolist()
+        r = slice(start, start + count)
+        mask = keep_mask(seeds[i : i + 1], ps[i], count, x.shape[1]).double() / (1 - ps[i])
+        xt = x[r] * mask
+        s = xt @ a.double().T
+        s_all[r, : a.shape[0]] = s
+        y[r] += scales[i] * s @ b.double().T
+        ds = scales[i] * dy[r] @ b.double()
+        d_b.append(scales[i] * dy[r].T @ s)
+        d_a.append(ds.T @ xt)
+        dx[r] += (ds @ a.double()) * mask
+    return y, s_all, dx, d_a, d_b
+
+
+def _problem(m, k, n, ranks, starts, counts, ps, dtype, *, weight=True, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype) if weight else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    lora_a = [torch.randn(r, k, generator=g) / k**0.5 for r in ranks]
+    lora_b = [torch.randn(n, r, generator=g) / r**0.5 for r in ranks]
+    scales = [0.5 + i for i in range(len(ranks))]
+    rows = torch.tensor(list(zip(starts, counts)), dtype=torch.int64)
+    seeds = torch.randint(0, 2**62, (len(ranks),), generator=g, dtype=torch.int64)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    return x, w, b, lora_a, lora_b, scales, list(ps), rows, seeds, dy
+
+
+CASES = [
+    # m, k, n, ranks, starts, counts, ps, dtype, weight, bias, tol
+    (200, 96, 80, (5, 24, 1, 16), (3, 40, 0, 150), (37, 70, 0, 1), (0.25, 0.0, 0.25, 0.25), torch.float32, True, True, 1e-5),
+    (150, 61, 45, (1, 24, 5), (0, 37, 110), (37, 70, 1), (0.0, 0.0, 0.0), torch.float32, True, False, 1e-5),
+    (129, 64, 72, (24, 5, 1), (1, 38, 128), (37, 70, 1), (0.25, 0.25, 0.0), torch.float32, False, False, 1e-5),
+    (200, 96, 80, (5, 24, 1, 16), (3, 40, 0, 150), (37, 70, 0, 1), (0.25, 0.0, 0.25, 0.25), torch.float16, True, True, 3e-3),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["f32-bias-p", "f32-oddK-p0", "f32-noW-p", "f16-bias-p"])
+def test_multi_kernels_match_float64(case, device):
+    m, k, n, ranks, starts, counts, ps, dtype, weight, bias, tol = case
+    x, w, b, la, lb, scales, ps, rows, seeds, dy = _problem(m, k, n, ranks, starts, counts, ps, dtype, weight=weight, bias=bias)
+    mv = lambda t: None if t is None else t.to(device)
+    x, w, b, dy, rows, seeds = map(mv, (x, w, b, dy, rows, seeds))
+    la, lb = [a.to(device) for a in la], [t.to(device) for t in lb]
+    y, s_act = K.multi_forward(x, w, b, la, lb, scales, ps, rows, seeds, torch.float32)
+    d_x, d_a, d_b = K.multi_backward(dy, x, w, la, lb, s_act, seeds, rows, scales, ps, True)
+    yr, sr, dxr, dar, dbr = reference(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in (x, w, b)),
+                                      [a.cpu() for a in la], [t.cpu() for t in lb], scales, ps, rows.cpu(), seeds.cpu(), dy.cpu())
+    assert _rel(y.cpu(), yr) <= tol
+    for i, r in enumerate(ranks):  # S: the adapter's r_i columns on its rows
+        st, c = starts[i], counts[i]
+        if c:
+            assert _rel(s_act[st : st + c, :r].cpu(), sr[st : st + c, :r]) <= tol
+    owned = torch.zeros(m, dtype=torch.bool)
+    for st, c in zip(starts, counts):
+        owned[st : st + c] = True
+    assert (s_act.cpu()[~owned] == 0).all()  # rows of no adapter: S = 0 (written by the kernel)
+    assert _rel(d_x.cpu(), dxr) <= tol
+    for i in range(len(ranks)):
+        assert d_a[i].shape == la[i].shape and d_b[i].shape == lb[i].shape
+        if counts[i] == 0:
+            assert d_a[i].abs().sum() == 0 and d_b[i].abs().sum() == 0
+        else:
+            assert _rel(d_a[i].cpu(), dar[i]) <= tol, f"dA {i}"
+            assert _rel(d_b[i].cpu(), dbr[i]) <= tol, f"dB {i}"
+
+
+def test_multi_deterministic_is_bitwise_repeatable(device):
+    x, w, b, la, lb, scales, ps, rows, seeds, dy = _problem(
+        170, 64, 48, (5, 24, 1), (0, 37, 120), (37, 70, 50), (0.25, 0.0, 0.25), torch.float32)
+    x, w, dy, rows, seeds = (t.to(device) for t in (x, w, dy, rows, seeds))
+    la, lb = [a.to(device) for a in la], [t.to(device) for t in lb]
+    y, s_act = K.multi_forward(x, w, None, la, lb, scales, ps, rows, seeds, torch.float32)
+    runs = [K.multi_backward(dy, x, w, la, lb, s_act, seeds, rows, scales, ps, True, deterministic=True) for _ in range(2)]
+    (dx0, da0, db0), (dx1, da1, db1) = runs
+    assert torch.equal(dx0, dx1)
+    assert all(torch.equal(p, q) for p, q in zip(da0 + db0, da1 + db1))
+    _, _, dxr, dar, dbr = reference(x.cpu(), w.cpu(), None, [a.cpu() for a in la], [t.cpu() for t in lb], scales, ps,
+                                    rows.cpu(), seeds.cpu(), dy.cpu())
+    assert max(_rel(p.cpu(), q) for p, q in zip(da0 + db0, dar + dbr)) <= 1e-5
+
+
+def test_piece_table_splits_at_blocks_and_ranges():
+    rows = torch.tensor([[5, 0], [3, 40], [43, 1], [100, 60], [70, 0]], dtype=torch.int64)
+    m, bm = 170, 32
+    pieces, blk, spans = build_pieces(rows, m, bm)
+    assert pieces.shape[0] == -(-m // bm) + 2 * rows.shape[0]
+    owner = torch.full((m,), -1)
+    for i, (s, c) in enumerate(rows.tolist()):
+        owner[s : s + c] = i
+    covered = torch.zeros(m, dtype=torch.int64)
+    for lo, hi, ad, seg0 in pieces.tolist():
+        assert 0 <= hi - lo <= bm and lo // bm == (hi - 1) // bm or hi == lo
+        covered[lo:hi] += 1
+        if hi > lo:
+            assert (owner[lo:hi] == ad).all()
+            if ad >= 0:
+                assert seg0 == rows[ad, 0]
+    assert (covered == 1).all()
+    for i, (s, c) in enumerate(rows.tolist()):  # spans: first/last piece of each adapter
+        mine = [j for j, piece in enumerate(pieces.tolist()) if piece[2] == i]
+        assert spans[i].tolist() == ([mine[0], mine[-1]] if c else [pieces.shape[0], -1])
+    for b in range(blk.shape[0] - 1):  # block b's pieces are exactly those starting in it
+        for j in range(blk[b], blk[b + 1]):
+            assert b * bm <= pieces[j, 0] < (b + 1) * bm
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_op_triton_matches_torch(p, device):
+    m, k, n = 130, 64, 40
+    ranks, starts, counts = (5, 24, 1), (2, 40, 120), (37, 70, 1)
+    x, w, b, la, lb, scales, ps, rows, _, dy = _problem(m, k, n, ranks, starts, counts, (p, 0.0, p), torch.float32,
+                                                      bias=True, seed=3)
+    results = []
+    for kernels in ("torch", "triton"):
+        xs = x.to(device).requires_grad_()
+        las = [a.to(device).requires_grad_() for a in la]
+        lbs = [t.to(device).requires_grad_() for t in lb]
+        torch.manual_seed(11)  # same seeds drawn inside the op -> same masks
+        y, _, seeds = multi_lora_linear(xs, w.to(device), b.to(device), las, lbs, scales, ps, rows.to(device),
+                                        torch.float32, kernels, False)
+        (y * dy.to(device)).sum().backward()
+        results.append((y.detach().cpu(), xs.grad.cpu(), [a.grad.cpu() for a in las], [t.grad.cpu() for t in lbs], seeds.cpu()))
+    (y0, dx0, da0, db0, s0), (y1, dx1, da1, db1, s1) = results
+    if p:  # with p == 0 the op leaves the (unused) seeds uninitialised
+        assert torch.equal(s0, s1)
+    assert _rel(y1, y0.double()) <= 1e-5 and _rel(dx1, dx0.double()) <= 1e-5
+    for p_, q in zip(da1 + db1, da0 + db0):
+        assert _rel(p_, q.double()) <= 1e-5
+
+
+def test_many_adapters_shuffled_ranges(device):
+    """12 adapters, random lengths (incl. 0 and 1), ranges laid out in a shuffled order with gaps."""
+    g = torch.Generator().manual_seed(7)
+    n = 12
+    counts = torch.randint(0, 30, (n,), generator=g).tolist()
+    counts[3], counts[7] = 0, 1
+    ranks = torch.randint(1, 33, (n,), generator=g).tolist()
+    order = torch.randperm(n, generator=g).tolist()
+    starts, pos = [0] * n, 2
+    for i in order:
+        starts[i] = pos
+        pos += counts[i] + int(torch.randint(0, 3, (1,), generator=g))
+    m = pos + 1
+    ps = [0.25 if i % 3 else 0.0 for i in range(n)]
+    x, w, b, la, lb, scales, ps, rows, seeds, dy = _problem(m, 64, 40, ranks, starts, counts, ps, torch.float32, bias=True, seed=9)
+    dev = lambda t: t.to(device)
+    la_d, lb_d = [dev(a) for a in la], [dev(t) for t in lb]
+    y, s_act = K.multi_forward(dev(x), dev(w), dev(b), la_d, lb_d, scales, ps, dev(rows), dev(seeds), torch.float32)
+    d_x, d_a, d_b = K.multi_backward(dev(dy), dev(x), dev(w), la_d, lb_d, s_act, dev(seeds), dev(rows), scales, ps, True)
+    yr, _, dxr, dar, dbr = reference(x, w, b, la, lb, scales, ps, rows, seeds, dy)
+    assert _rel(y.cpu(), yr) <= 1e-5 and _rel(d_x.cpu(), dxr) <= 1e-5
+    for i in range(n):
+        if counts[i]:
+            assert _rel(d_a[i].cpu(), dar[i]) <= 1e-5 and _rel(d_b[i].cpu(), dbr[i]) <= 1e-5, i
+        else:
+            assert d_a[i].abs().sum() == 0 and d_b[i].abs().sum() == 0
