@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -121,7 +121,9 @@ def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: i
     if limit > 0:  # quick tuning (benchmark scripts): only the first ``limit`` candidates
         candidates = candidates[:limit]
     if (len(candidates) == 1 or torch.cuda.is_current_stream_capturing()):
-        best = candidates[0]  # nothing to choose, or no timing allowed inside a graph capture
+        # nothing to choose, or no timing allowed inside a graph capture: the first config that fits
+        # (not cached: a later call outside a capture still tunes)
+        return _first_that_fits(configs(kernel, rank_bucket), launch)
     else:
         import triton.testing
 
@@ -131,6 +133,22 @@ def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: i
                 timings.append(triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25, return_mode="median"))
             except Exception:  # a configuration that does not fit (shared memory, registers) is skipped
                 timings.append(float("inf"))
+        if min(timings) == float("inf"):  # nothing launched: re-raise the first candidate's error
+            return launch(candidates[0])
         best = candidates[min(range(len(candidates)), key=timings.__getitem__)]
         _CHOICES[key] = best
     return launch(best)
+
+
+def _first_that_fits(candidates: Sequence[TileConfig], launch: Callable[[TileConfig], Any]) -> Any:
+    """Result of the first candidate whose launch does not run out of shared memory or registers
+    (Triton checks before anything runs, so a failed try has no effect); re-raises the last error."""
+    from triton.runtime.errors import OutOfResources
+
+    error: OutOfResources | None = None
+    for cfg in candidates:
+        try:
+            return launch(cfg)
+        except OutOfResources as exc:
+            error = exc
+    raise error
