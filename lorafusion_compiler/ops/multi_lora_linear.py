@@ -69,12 +69,13 @@ def _row_ranges(adapter_rows: Tensor, total_rows: int) -> list[tuple[int, int]]:
 
 
 def _torch_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, ranges, seeds, out_dtype):
-    """Per-adapter loop over the single-adapter reference kernels."""
+    """Per-adapter loop over the single-adapter reference kernels; the base GEMM runs once for all rows."""
     ref = get_kernel_set("torch")
     max_rank = max(a.shape[0] for a in lora_a)
     s_act = x2.new_zeros(x2.shape[0], max_rank, dtype=lora_a[0].dtype)
-    if weight is not None:
-        y = torch.nn.functional.linear(x2, weight, bias).to(out_dtype)
+    base = torch.nn.functional.linear(x2, weight, bias) if weight is not None else None
+    if base is not None:
+        y = base.to(out_dtype)
     else:
         y = x2.new_zeros(x2.shape[0], lora_b[0].shape[0], dtype=out_dtype)
     for i, (start, count) in enumerate(ranges):
@@ -83,7 +84,8 @@ def _torch_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, ranges,
         rows = slice(start, start + count)
         s_i = ref.shrink(x2[rows], lora_a[i], seeds[i], dropout_ps[i])
         s_act[rows, : s_i.shape[1]] = s_i
-        y[rows] = ref.base_expand(x2[rows], weight, bias, s_i, lora_b[i], scales[i], out_dtype)
+        delta = ref.base_expand(x2[rows], None, None, s_i, lora_b[i], scales[i], lora_b[i].dtype)
+        y[rows] = (delta if base is None else base[rows] + delta).to(out_dtype)
     return y, s_act
 
 
