@@ -28,17 +28,17 @@ def check_lora_inputs(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, dropout_p: float
 ) -> None:
     """Raise ValueError naming the offending value when the operands do not fit together."""
-    rank, in_features = lora_a.shape if lora_a.dim() == 2 else (None, None)
     if lora_a.dim() != 2 or lora_b.dim() != 2:
         raise ValueError(f"lora_a and lora_b must be 2-D, got shapes {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    rank, in_features = lora_a.shape
     if rank == 0:
         raise ValueError("LoRA rank is 0 (lora_a has shape (0, K)); use rank >= 1 or drop the adapter")
     if lora_b.shape[1] != rank:
         raise ValueError(f"rank mismatch: lora_a has rank {rank} (shape {tuple(lora_a.shape)}) but lora_b has shape {tuple(lora_b.shape)}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but lora_a expects {in_features}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension")
     out_features = lora_b.shape[0]
     if weight is not None and tuple(weight.shape) != (out_features, in_features):
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({out_features}, {in_features}) from lora_b/lora_a")

@@ -107,6 +107,7 @@ class _Delta:
     lora_b: fx.Node
     scale: float
     p: float
+    declared_p: float
     training: bool
     chain: list[fx.Node]
 
@@ -148,7 +149,7 @@ def _match_delta(root: fx.Node) -> _Delta | None:
     if lin_a.bias is not None or lin_b.bias is not None:
         raise _Reject("lora_A or lora_B has a bias", involved)
     chain = [lin_a.node, *lin_a.extra_nodes, lin_b.node, *lin_b.extra_nodes] + ([root] if scaled else [])
-    x, p, training = lin_a.input, 0.0, True
+    x, p, declared_p, training = lin_a.input, 0.0, 0.0, True
     dropout = as_dropout(x)
     if dropout is not None:
         chain.append(x)
@@ -158,13 +159,14 @@ def _match_delta(root: fx.Node) -> _Delta | None:
             raise _Reject(f"dropout p={p_raw!r} / training={training!r} are not constants with p in [0, 1)", involved)
         if inplace:
             raise _Reject("in-place dropout on the LoRA input", involved)
+        declared_p = p
     cast = as_cast(x)
     a_value, b_value = example_value(lin_a.weight), example_value(lin_b.weight)
     if cast is not None and a_value is not None and cast[1] == a_value.dtype:
         chain.append(x)
         x = cast[0]
     _check_delta(x, lin_a, lin_b, a_value, b_value, chain, root, involved)
-    return _Delta(root, x, lin_a.weight, lin_b.weight, float(scale), p if training else 0.0, training, chain)
+    return _Delta(root, x, lin_a.weight, lin_b.weight, float(scale), p if training else 0.0, declared_p, training, chain)
 
 
 def _check_delta(x, lin_a: LinearView, lin_b: LinearView, a_value, b_value, chain, root, involved) -> None:
@@ -197,7 +199,7 @@ def _as_frozen_base(node: object, x: fx.Node) -> LinearView | None:
     return base
 
 
-def _site(delta: _Delta, base: LinearView | None, add: fx.Node) -> LoRASite:
+def _site(delta: _Delta, base: LinearView | None, add: fx.Node, order: dict[fx.Node, int]) -> LoRASite:
     x_value, a_value, b_value = (example_value(n) for n in (delta.x, delta.lora_a, delta.lora_b))
     chain, output = list(delta.chain), delta.root
     if base is not None:
@@ -223,7 +225,7 @@ def _site(delta: _Delta, base: LinearView | None, add: fx.Node) -> LoRASite:
         out_dtype=out_value.dtype,
         scale=delta.scale,
         dropout_p=delta.p,
-        declared_dropout_p=_declared_p(delta),
+        declared_dropout_p=delta.declared_p,
         training=delta.training,
         has_bias=base is not None and base.bias is not None,
         fused_base=base is not None,
@@ -235,22 +237,9 @@ def _site(delta: _Delta, base: LinearView | None, add: fx.Node) -> LoRASite:
             lora_a=delta.lora_a,
             lora_b=delta.lora_b,
             output=output,
-            chain=sorted(set(chain), key=_order(add)),
+            chain=sorted(set(chain), key=order.__getitem__),
         ),
     )
-
-
-def _declared_p(delta: _Delta) -> float:
-    for node in delta.chain:
-        dropout = as_dropout(node)
-        if dropout is not None:
-            return float(dropout[1])
-    return 0.0
-
-
-def _order(anchor: fx.Node):
-    index = {n: i for i, n in enumerate(anchor.graph.nodes)}
-    return index.__getitem__
 
 
 def find_lora_sites(gm: fx.GraphModule) -> PatternResult:
@@ -258,12 +247,13 @@ def find_lora_sites(gm: fx.GraphModule) -> PatternResult:
     sites: list[LoRASite] = []
     reasons: dict[fx.Node, str] = {}
     claimed: set[fx.Node] = set()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}  # graph position, to sort each site's nodes
     for node in list(gm.graph.nodes):
         operands = as_add(node)
         if operands is None:
             continue
         try:
-            site = _match_add(node, operands, claimed)
+            site = _match_add(node, operands, claimed, order)
         except _Reject as reject:
             for n in reject.nodes:
                 reasons.setdefault(n, reject.reason)
@@ -279,7 +269,7 @@ def find_lora_sites(gm: fx.GraphModule) -> PatternResult:
     return PatternResult(sites, skipped)
 
 
-def _match_add(add: fx.Node, operands: tuple, claimed: set[fx.Node]) -> LoRASite | None:
+def _match_add(add: fx.Node, operands: tuple, claimed: set[fx.Node], order: dict[fx.Node, int]) -> LoRASite | None:
     """Try both operand orders: fused base first, then a delta-only site."""
     deltas = []
     for delta_side, other in (operands, operands[::-1]):
@@ -290,6 +280,6 @@ def _match_add(add: fx.Node, operands: tuple, claimed: set[fx.Node]) -> LoRASite
             continue
         base = _as_frozen_base(other, delta.x)
         if base is not None and base.node not in claimed:
-            return _site(delta, base, add)
+            return _site(delta, base, add, order)
         deltas.append(delta)
-    return _site(deltas[0], None, add) if deltas else None
+    return _site(deltas[0], None, add, order) if deltas else None
