@@ -2,13 +2,16 @@
 
 Variants, each timed in this one process on the same shapes:
   floor      frozen base model, no LoRA, torch.compile (Inductor); grads flow to the input
+  floor+cg   the same with mode="reduce-overhead" (CUDA graphs)
   peft       PEFT defaults (fp32 adapters over the bf16 base), eager
   peft+pc    PEFT with bf16 adapters, every decoder layer torch.compile'd (Inductor)
   ours       torch.compile(peft_model, backend="lorafusion"), PEFT defaults
   ours-bf16  the same with bf16 adapters
+  ours+cg    ours with options={"cudagraphs": True} (CUDA-graph replay, no per-launch host cost)
 
-Each step: fresh random tokens, forward, loss, backward (no optimizer: the optimizer cost
-is the same for all LoRA variants and zero for the floor). Reported: median step time over
+Each step: fresh random tokens, forward, loss, backward, gradients set to None (as
+``zero_grad()`` does; no optimizer: its cost is the same for all LoRA variants and zero for the
+floor). Reported: median step time over
 CUDA events, tokens/s, ratio to the floor, peak memory.
 
     python benchmarks/e2e.py --layers 8 --tokens 4096 --dropout 0.1
@@ -75,13 +78,31 @@ def time_steps(step, *, tokens: int, seq: int, steps: int, warmup: int) -> tuple
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
-def make_step(model, embed):
+def make_step(model, embed, params, *, graphs: bool):
     def step(ids):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         inputs = embed(ids).detach().requires_grad_(True)  # grads reach layer 0 in every variant
         out = model(inputs_embeds=inputs, labels=ids)
         out.loss.backward()
+        for p in params:  # zero_grad(set_to_none=True): no accumulation kernels, nothing held across steps
+            p.grad = None
 
     return step
+
+
+def profile_step(step, ids, path: str) -> None:
+    """Write the profiler's op table (sorted by host time, then by GPU time) for one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(ids)
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(table.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+        f.write("\n")
+        f.write(table.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
 
 
 def main() -> None:
@@ -93,28 +114,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["peft", "peft+pc", "ours", "ours-bf16"],
-                        help="LoRA variants timed for every p (the floor is timed once, first)")
+                        help="variants; floor variants are timed once, first (ratios use the first floor), the others for every p")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--profile-dir", default=None, help="write one profiled step's op table per variant here")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = []
     floor_ms = None
-    runs = [(None, "floor")] + [(p, v) for p in args.dropout for v in args.variants]
+    floors = [v for v in args.variants if v.startswith("floor")] or ["floor"]
+    runs = [(None, f) for f in floors] + [(p, v) for p in args.dropout for v in args.variants if not v.startswith("floor")]
     for p, variant in runs:
         torch._dynamo.reset()
         base = build_base(args.layers)
         embed = base.get_input_embeddings()
-        if variant == "floor":
-            model = torch.compile(base)
+        graphs = variant.endswith("+cg")
+        if variant.startswith("floor"):
+            model = torch.compile(base, mode="reduce-overhead" if graphs else None)
         else:
             model = with_lora(base, dropout=p, bf16_adapters=variant in ("peft+pc", "ours-bf16"))
             if variant == "peft+pc":
                 for layer in model.base_model.model.model.layers:
                     layer.compile()
             elif variant.startswith("ours"):
-                model = torch.compile(model, backend="lorafusion")
-        ms, gib = time_steps(make_step(model, embed), tokens=args.tokens, seq=args.seq, steps=args.steps, warmup=args.warmup)
-        floor_ms = ms if variant == "floor" else floor_ms
+                model = torch.compile(model, backend="lorafusion", options={"cudagraphs": graphs})
+        params = [q for q in model.parameters() if q.requires_grad]
+        step = make_step(model, embed, params, graphs=graphs)
+        ms, gib = time_steps(step, tokens=args.tokens, seq=args.seq, steps=args.steps, warmup=args.warmup)
+        if args.profile_dir:
+            import os
+
+            os.makedirs(args.profile_dir, exist_ok=True)
+            ids = torch.randint(0, 32000, (args.tokens // args.seq, args.seq), device="cuda")
+            profile_step(step, ids, os.path.join(args.profile_dir, f"profile-{variant}-p{p}.txt"))
+        floor_ms = ms if variant == "floor" or floor_ms is None else floor_ms
         row = dict(p=p, variant=variant, ms=ms, tokens_per_s=args.tokens / ms * 1e3, peak_gib=gib, floor_ratio=floor_ms / ms)
         results.append(row)
         print(json.dumps(row), flush=True)

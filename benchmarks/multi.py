@@ -36,6 +36,7 @@ from lorafusion_compiler.ops.multi_lora_linear import multi_lora_linear
 DEV = "cuda"
 OUT_DTYPE = torch.bfloat16
 RANKS4 = (8, 16, 32, 64)
+PROFILE = False
 
 
 def rel(a, b) -> float:
@@ -238,35 +239,63 @@ def bench(name, counts, ranks, iters) -> dict:
     b64 = (torch.randn(n, 64, device=DEV) / 8).to(x.dtype).requires_grad_()
     segs = [(int(s), int(c)) for s, c in rows.tolist()]
 
+    def clear_grads():  # as zero_grad(set_to_none=True): no accumulation kernels in the timings
+        for t in (xs, a64, b64, *las, *lbs):
+            t.grad = None
+
     def ours(kernels="triton"):
         y, _s, _seeds = multi_lora_linear(xs, w, None, las, lbs, scales, ps, rows, OUT_DTYPE, kernels, False)
         y.backward(dy)
+        clear_grads()
 
     def single():
         y, _s, _seed = lora_linear(xs, w, None, a64, b64, 0.25, p, OUT_DTYPE, "triton", False)
         y.backward(dy)
+        clear_grads()
 
     def loop():
         ys = [lora_linear(xs[s : s + c], w, None, las[i], lbs[i], scales[i], p, OUT_DTYPE, "triton", False)[0]
               for i, (s, c) in enumerate(segs)]
         torch.cat(ys).backward(dy)
+        clear_grads()
 
     def base():
         F.linear(xs, w).backward(dy)
+        clear_grads()
 
     t = {"ours": timed(ours, iters), "single": timed(single, iters), "loop": timed(loop, iters),
          "eager": timed(lambda: ours("torch"), max(2, iters // 4)), "base": timed(base, iters)}
     # CUDA-graph replays (the eager per-segment loop reads the routing on the host: not capturable)
     g = {"ours": graphed(ours, iters), "single": graphed(single, iters), "loop": graphed(loop, iters),
          "base": graphed(base, iters)}
+    if PROFILE:
+        print_kernel_times(name, ours)
     return {"name": name, "eager_t": t, "graph_t": g}
+
+
+def print_kernel_times(name: str, fn, calls: int = 5) -> None:
+    """Per-kernel GPU time (µs per call of ``fn``) from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    print(f"kernels of {name} (µs per call):")
+    for ev in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"  {ev.self_device_time_total / calls:9.1f}  x{ev.count // calls:<3d} {ev.key[:90]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print per-kernel GPU times of ours per setup")
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     t0 = time.time()
     ok = checks() if args.check else True
     iters = 5 if args.quick else 20
@@ -279,6 +308,7 @@ def main() -> None:
     for setup in setups:
         try:
             rows.append(bench(*setup, iters))
+            print(f"[{time.time() - t0:5.0f} s] {setup[0]}: graphed ms {rows[-1]['graph_t']}", flush=True)
         except Exception:
             import traceback
 

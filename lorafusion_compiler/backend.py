@@ -70,5 +70,6 @@ def lorafusion_backend(
     if config.inner_backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, list(example_inputs))
+        patches = {"triton.cudagraphs": True} if config.cudagraphs else {}
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
     return torch._dynamo.lookup_backend(config.inner_backend)(gm, example_inputs)

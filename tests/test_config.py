@@ -32,6 +32,8 @@ def test_config_is_frozen():
         ({"deterministic": "yes"}, {}, "deterministic='yes'"),
         ({}, {"LORAFUSION_REWRITE": "maybe"}, "LORAFUSION_REWRITE='maybe'"),
         ({"inner_backend": ""}, {}, "inner_backend=''"),
+        ({"cudagraphs": 1}, {}, "cudagraphs=1"),
+        ({"cudagraphs": True, "inner_backend": "aot_eager"}, {}, "inner_backend='aot_eager'"),
     ],
 )
 def test_bad_values_are_named(options, env, message):

@@ -13,7 +13,7 @@ size never depends on the routing values (empty pieces are skipped by the kernel
 * da: each program walks a contiguous run of pieces, flushing its partial dA into the
   adapter's block of a packed buffer when the adapter changes.
 
-Per-adapter parameters live in two small device tables (int64: A/B pointers and strides,
+Per-adapter parameters live in two small device tables (int64: A/B pointers and row strides,
 rank, dropout threshold, dA/dB offsets in the packed gradient buffers; fp32: scale,
 1/(1-p)), cached by value, so a steady-state call copies nothing host-to-device. Piece
 tables are cached per ``adapter_rows`` tensor (weakly, by identity and version).
@@ -145,7 +145,14 @@ def _pieces(adapter_rows: torch.Tensor, m: int, block_m: int) -> tuple[torch.Ten
     return hit
 
 
+def _aligned(mats: list[torch.Tensor]) -> bool:
+    """Every (contiguous) matrix starts 16-byte aligned and has rows of a multiple of 8 elements."""
+    return all(t.data_ptr() % 16 == 0 and t.shape[1] % 8 == 0 for t in mats)
+
+
 def _common(x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds):
+    """Validate, make every adapter matrix contiguous (the kernels assume column stride 1), and
+    return (n, ranks, max rank, rank bucket, adapter_rows on x's device, A list, B list, aligned)."""
     n = len(lora_a)
     if not 1 <= n <= _MAX_ADAPTERS:
         raise ValueError(f"{n} adapters; the multi-adapter kernels take 1..{_MAX_ADAPTERS}")
@@ -155,7 +162,12 @@ def _common(x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds):
         adapter_rows = adapter_rows.to(x2.device)
     ranks = [a.shape[0] for a in lora_a]
     rs = max(ranks)
-    return n, ranks, rs, rank_bucket(rs), adapter_rows
+    if max(t.numel() for t in (*lora_a, *lora_b)) >= 2**31:
+        raise ValueError("an adapter matrix has >= 2**31 elements; the multi-adapter kernels index adapters with int32")
+    lora_a = [a.contiguous() for a in lora_a]
+    lora_b = [b.contiguous() for b in lora_b]
+    aligned = _aligned(lora_a) and _aligned(lora_b)
+    return n, ranks, rs, rank_bucket(rs), adapter_rows, lora_a, lora_b, aligned
 
 
 def _gemm(kernel_name, fields, x, weight, bias, low_l, lscale_unused, seeds, out, adapter_rows, itab, ftab, rb):
@@ -167,7 +179,7 @@ def _gemm(kernel_name, fields, x, weight, bias, low_l, lscale_unused, seeds, out
     wm = None if weight is None else (weight.t() if kernel_name == "base_expand" else weight)
     wm_ = wm if wm is not None else low_l
     bias_ = bias if bias is not None else out
-    block_r = min(rb, 64)
+    block_r = 16  # each piece loops over its own adapter's rank in 16-wide chunks (no max-rank padding)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
@@ -190,7 +202,8 @@ def _gemm(kernel_name, fields, x, weight, bias, low_l, lscale_unused, seeds, out
 
 def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds, out_dtype):
     """(y [M, N] in ``out_dtype``, S [M, max rank] in the adapters' dtype) for routed adapters."""
-    n, ranks, rs, rb, adapter_rows = _common(x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds)
+    n, ranks, rs, rb, adapter_rows, lora_a, lora_b, aligned = _common(
+        x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds)
     m, k = x2.shape
     n_out = lora_b[0].shape[0]
     dev = x2.device
@@ -199,7 +212,8 @@ def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_
     dropout = any(p != 0.0 for p in dropout_ps)
 
     kernel, key, _ = _prepare("shrink", dtype=_dtype_name("x", x2), adapter_dtype=_dtype_name("lora_a", lora_a[0]),
-                              dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0, multi=True)
+                              dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0, multi=True,
+                              adapters_aligned=aligned)
 
     def launch_shrink(cfg: TileConfig) -> torch.Tensor:
         pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
@@ -217,7 +231,7 @@ def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_
     s_act = s_act if s_act.dtype == a_dtype else s_act.to(a_dtype)
 
     fields = dict(dtype=_dtype_name("x", x2), adapter_dtype=_dtype_name("lora_b", lora_b[0]),
-                  has_weight=weight is not None, has_bias=bias is not None, rank_bucket=rb)
+                  has_weight=weight is not None, has_bias=bias is not None, rank_bucket=rb, adapters_aligned=aligned)
     y = torch.empty(m, n_out, dtype=out_dtype, device=dev)
     y = _gemm("base_expand", fields, x2, weight, bias, s_act, None, seeds, y, adapter_rows, itab, ftab, rb)
     return y, s_act
@@ -226,7 +240,8 @@ def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_
 def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx,
                    *, deterministic: bool = False):
     """(dX [M, K] (empty unless ``needs_dx``), [dA_i], [dB_i]); adapters without rows get zeros."""
-    n, ranks, rs, rb, adapter_rows = _common(x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds)
+    n, ranks, rs, rb, adapter_rows, lora_a, lora_b, aligned = _common(
+        x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds)
     m, k = x2.shape
     n_out = dy2.shape[1]
     dev = x2.device
@@ -238,7 +253,7 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
 
     # dS and dB
     kernel, key, _ = _prepare("ds_db", dtype=_dtype_name("dy", dy2), adapter_dtype=_dtype_name("lora_b", lora_b[0]),
-                              rank_bucket=rb, deterministic=deterministic, multi=True)
+                              rank_bucket=rb, deterministic=deterministic, multi=True, adapters_aligned=aligned)
 
     def launch_ds_db(cfg: TileConfig):
         pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
@@ -290,7 +305,7 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
         base = weight if weight is not None else dy2
         fields = dict(dtype=_dtype_name("weight" if weight is not None else "dy", base),
                       adapter_dtype=_dtype_name("lora_a", lora_a[0]), has_weight=weight is not None,
-                      dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0)
+                      dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0, adapters_aligned=aligned)
         d_x = torch.empty(m, k, dtype=x2.dtype, device=dev)
         d_x = _gemm("dx", fields, dy2, weight, None, d_s, None, seeds, d_x, adapter_rows, itab, ftab, rb)
 

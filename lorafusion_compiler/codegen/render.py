@@ -24,11 +24,11 @@ _TEMPLATE = {"shrink": "shrink", "base_expand": "lowrank_gemm", "ds_db": "ds_db"
 _DTYPES = ("float16", "bfloat16", "float32")
 _RANK_BUCKETS = (16, 32, 64, 128, 256)
 _USES = {
-    "shrink": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "multi"),
-    "base_expand": ("dtype", "adapter_dtype", "has_weight", "has_bias", "rank_bucket", "tma", "multi"),
-    "ds_db": ("dtype", "adapter_dtype", "rank_bucket", "deterministic", "multi"),
+    "shrink": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "multi", "adapters_aligned"),
+    "base_expand": ("dtype", "adapter_dtype", "has_weight", "has_bias", "rank_bucket", "tma", "multi", "adapters_aligned"),
+    "ds_db": ("dtype", "adapter_dtype", "rank_bucket", "deterministic", "multi", "adapters_aligned"),
     "da": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "deterministic", "multi"),
-    "dx": ("dtype", "adapter_dtype", "has_weight", "dropout", "rank_bucket", "aligned8", "tma", "multi"),
+    "dx": ("dtype", "adapter_dtype", "has_weight", "dropout", "rank_bucket", "aligned8", "tma", "multi", "adapters_aligned"),
 }
 
 
@@ -66,6 +66,10 @@ class KernelSpec:
     multi: bool = False
     """Multi-adapter: each row piece reads its adapter (A/B pointers and strides, rank, scale,
     threshold, 1/(1-p), seed) from device tables instead of the scalar arguments."""
+    adapters_aligned: bool = False
+    """Multi only: every A and B starts at a 16-byte-aligned address and its rows hold a multiple
+    of 8 elements (K % 8 == 0, every rank % 8 == 0), so the kernels may issue 16-byte vector loads
+    of the adapter tiles (table-read addresses carry no alignment the compiler could prove)."""
 
     def __post_init__(self) -> None:
         for name in ("dtype", "adapter_dtype"):
@@ -73,6 +77,8 @@ class KernelSpec:
                 raise ValueError(f"KernelSpec.{name}={getattr(self, name)!r}; expected one of {_DTYPES}")
         if self.rank_bucket not in _RANK_BUCKETS:
             raise ValueError(f"KernelSpec.rank_bucket={self.rank_bucket!r}; expected one of {_RANK_BUCKETS}")
+        if self.adapters_aligned and not self.multi:
+            raise ValueError("KernelSpec.adapters_aligned=True needs multi=True")
         if self.has_bias and not self.has_weight:
             raise ValueError("KernelSpec.has_bias=True needs has_weight=True")
 
@@ -83,7 +89,8 @@ class KernelSpec:
         flags = "".join(
             f"{tag}{int(getattr(self, name))}"
             for tag, name in (("w", "has_weight"), ("b", "has_bias"), ("p", "dropout"), ("dx", "needs_dx"),
-                              ("a8_", "aligned8"), ("det", "deterministic"), ("tma", "tma"))
+                              ("a8_", "aligned8"), ("det", "deterministic"), ("tma", "tma"),
+                              ("al", "adapters_aligned"))
         )
         multi = "-multi" if self.multi else ""
         return f"{short[self.dtype]}-{short[self.adapter_dtype]}-r{self.rank_bucket}-{flags}{multi}"

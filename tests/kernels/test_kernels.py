@@ -167,3 +167,10 @@ def test_kernel_sources_and_spec_key():
     assert spec.key == KernelSpec(**{f: getattr(spec, f) for f in spec.__dataclass_fields__}).key
     with pytest.raises(ValueError, match="rank_bucket=24"):
         KernelSpec(rank_bucket=24)
+    aligned = kernel_sources(KernelSpec(multi=True, adapters_aligned=True, dropout=True))
+    plain = kernel_sources(KernelSpec(multi=True, dropout=True))
+    for name in ("shrink", "base_expand", "ds_db", "dx"):  # the kernels that read adapter tiles
+        assert "tl.multiple_of(" in aligned[name] and "tl.multiple_of(" not in plain[name]
+    assert aligned["da"] == plain["da"]  # da reads no adapter matrix: not specialised on it
+    with pytest.raises(ValueError, match="adapters_aligned=True needs multi=True"):
+        KernelSpec(adapters_aligned=True)
