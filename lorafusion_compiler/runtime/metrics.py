@@ -1,9 +1,10 @@
 """Run metrics: per-job loss and tokens/s, per-stage busy/idle time and bubble ratio.
 
 Units: seconds, tokens, tokens per second. ``busy`` of a stage = wall time spent inside
-its forward/backward compute (CUDA-synchronised when timing a GPU stage); ``idle`` = round
-wall time - busy; bubble ratio = idle / wall (published definition: (step time - compute) /
-step time). Records go to ``<out_dir>/metrics-rank<r>.jsonl`` (one JSON object a line)
+the forward/backward compute of real microbatches (CUDA-synchronised when timing a GPU
+stage); ``idle`` = window wall time - busy (fill, drain, waits on other stages, optimizer
+steps, and the compute of padding microbatches, which trains nothing); bubble ratio =
+idle / wall (published definition: (step time - compute) / step time). Records go to ``<out_dir>/metrics-rank<r>.jsonl`` (one JSON object a line)
 and to the ``lorafusion.pipeline`` logger.
 """
 
@@ -63,7 +64,7 @@ class JobMeter:
     tokens: int = 0
     """Real (unpadded) tokens trained."""
     seconds: float = 0.0
-    """Wall seconds of the rounds that held this job's tokens."""
+    """Wall seconds of the windows that held this job's tokens."""
     losses: list[float] = field(default_factory=list)
     """Mean token loss of every finished optimizer step, in order."""
 
@@ -73,7 +74,7 @@ class JobMeter:
 
 
 class MetricsLog:
-    """JSONL writer + logger for round, job-step and stage records."""
+    """JSONL writer + logger for per-window stage records and job-step records."""
 
     def __init__(self, out_dir: str | Path | None, rank: int):
         self.rank = rank
@@ -87,12 +88,15 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def stage(self, *, round_index: int, stage: int, busy_s: float, wall_s: float) -> dict:
-        """Record one round of one stage; returns the record (bubble ratio included)."""
+    def window(self, *, window: int, stage: int, microbatches: int, padding: int, next_round: int | None,
+               busy_s: float, wall_s: float) -> dict:
+        """Record window ``window`` (index within this ``pipeline`` call) of one stage: ``microbatches``
+        run, ``padding`` of them empty; ``next_round``: rounds done after it (None inside a round)."""
         self.busy_s += busy_s
         self.wall_s += wall_s
-        record = {"kind": "stage", "round": round_index, "stage": stage, "busy_s": busy_s,
-                  "idle_s": max(0.0, wall_s - busy_s), "bubble_ratio": max(0.0, 1.0 - busy_s / wall_s) if wall_s > 0 else 0.0}
+        record = {"kind": "stage", "window": window, "stage": stage, "microbatches": microbatches, "padding": padding,
+                  "next_round": next_round, "busy_s": busy_s, "idle_s": max(0.0, wall_s - busy_s),
+                  "bubble_ratio": max(0.0, 1.0 - busy_s / wall_s) if wall_s > 0 else 0.0}
         self.write(record)
         return record
 

@@ -16,16 +16,11 @@ Layout of one microbatch (``C`` = capacity tokens, one fixed shape so pipelining
     token_job     int64   [1, C]  job index of each token, -1 on padding (for metrics)
     adapter_rows  int64   [J, 2]  (first row, row count) per job = ``AdapterBatch`` table
 
-``plan_rounds`` cuts the ordered microbatches into rounds: a round is run as one pipeline
-schedule step, after which the optimizers of the jobs whose step finished in it step. Job
-``j``'s step ``t`` may only start in a round after the round in which step ``t - 1`` finished
-(a microbatch that would break this is split). Rounds are padded with empty microbatches up
-to ``min_microbatches`` (1F1B needs at least as many microbatches as stages).
+An empty item list packs to an all-padding microbatch (window padding, see ``windows.py``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +29,7 @@ import torch
 from .adapter_batch import AdapterBatch
 from .jobs import PipelineJob
 
-__all__ = ["Item", "PackedMicrobatch", "Round", "block_causal_mask", "pack_microbatch", "plan_rounds", "plan_schedule", "scheduler_jobs"]
+__all__ = ["Item", "PackedMicrobatch", "block_causal_mask", "pack_microbatch", "plan_schedule", "scheduler_jobs"]
 
 Item = tuple[str, int, int]
 """``(job_name, step, sample_index)`` as produced by the scheduler."""
@@ -115,62 +110,6 @@ def block_causal_mask(sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     allowed = causal & (ids[:, None] == ids[None, :])
     mask = torch.zeros(c, c, dtype=dtype, device=ids.device).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
-
-
-@dataclass(kw_only=True)
-class Round:
-    """Microbatches run as one pipeline step, and the (job, step) pairs finished by it."""
-
-    microbatches: list[list[Item]]
-    finished: list[tuple[str, int]]
-
-
-def plan_rounds(microbatches: Sequence[Sequence[Item]], *, min_microbatches: int = 1) -> list[Round]:
-    """Cut the scheduler's ordered microbatches into rounds (see module docstring); no-ops dropped."""
-    remaining = Counter((job, step) for mb in microbatches for job, step, _ in mb)
-    done: set[tuple[str, int]] = set()
-    rounds: list[Round] = []
-    current: list[list[Item]] = []
-    started: set[tuple[str, int]] = set()
-
-    def close() -> None:
-        nonlocal current, started
-        finished = sorted(key for key in started if remaining[key] == 0)
-        done.update(finished)
-        current += [[] for _ in range(max(0, min_microbatches - len(current)))]
-        rounds.append(Round(microbatches=current, finished=finished))
-        current, started = [], set()
-
-    def ready(item: Item) -> bool:
-        job, step, _ = item
-        if step == 0 or (job, step - 1) in done:
-            return True
-        if (job, step - 1) not in remaining:  # the plan starts this job at a later step
-            return not any(j == job and s < step and (j, s) not in done for j, s in remaining)
-        return False
-
-    for mb in microbatches:
-        pending = list(mb)
-        while pending:
-            ok = [it for it in pending if ready(it)]
-            # a job may hold only one step per round
-            in_round = {job: step for job, step in started}
-            ok = [it for it in ok if in_round.get(it[0], it[1]) == it[1]]
-            ok_set = set(map(tuple, ok))
-            rest = [it for it in pending if tuple(it) not in ok_set]
-            if ok:
-                current.append(ok)
-                for job, step, _ in ok:
-                    remaining[(job, step)] -= 1
-                    started.add((job, step))
-            if rest:
-                if not ok and not current:
-                    raise ValueError(f"schedule violates step order: items {rest[:3]} come before their previous step finished")
-                close()
-            pending = rest
-    if current:
-        close()
-    return rounds
 
 
 def plan_schedule(jobs: Sequence[PipelineJob], *, capacity: int, pad_multiple: int, stages: int, **options) -> list[list[Item]]:

@@ -90,12 +90,32 @@ def test_single_stage_matches_training_each_job_alone(tmp_path):
 
     records = [json.loads(line) for line in (tmp_path / "metrics-rank0.jsonl").read_text().splitlines()]
     stage_records = [r for r in records if r["kind"] == "stage"]
-    assert len(stage_records) == result.total_rounds
-    assert all(0.0 <= r["bubble_ratio"] <= 1.0 and r["busy_s"] > 0 for r in stage_records)
+    assert len(stage_records) == result.windows == result.total_rounds  # one stage: one window per round
+    assert [r["next_round"] for r in stage_records] == list(range(1, result.total_rounds + 1))
+    assert all(0.0 <= r["bubble_ratio"] <= 1.0 and r["busy_s"] > 0 and r["padding"] == 0 for r in stage_records)
     for name, losses in result.losses.items():
         logged = [r for r in records if r["kind"] == "job" and r["job"] == name]
         assert [r["step"] for r in logged] == list(range(steps)) and [r["loss"] for r in logged] == losses
         assert all(r["tokens_per_s"] > 0 for r in logged)
+
+
+def test_single_stage_windows_do_not_change_the_result():
+    """Rounds grouped into windows (lazy steps mid-window) or cut inside == one round per window, bitwise."""
+    def run(**kwargs):
+        jobs = make_jobs(3)
+        for job in jobs:
+            job.dropout = 0.1  # the RNG is seeded per microbatch, not per window
+        return pipeline(build_tiny_llama(TINY, seed=0), jobs, capacity=CAPACITY, pad_multiple=PAD, schedule_options=GREEDY,
+                        progress=False, **kwargs)
+
+    rounds = run()
+    assert rounds.windows == rounds.total_rounds == 3  # rounds of 2 microbatches
+    for size, count in ((5, 2), (1, 6)):
+        windows = run(window_microbatches=size)
+        assert windows.windows == count and windows.losses == rounds.losses
+        for job in make_jobs(3):
+            a, b = adapter_state(rounds.model, job.name), adapter_state(windows.model, job.name)
+            assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_single_stage_loss_equals_mean_token_loss_of_the_step():
@@ -137,6 +157,10 @@ def test_pipeline_rejects_bad_settings(tmp_path):
         pipeline(build_tiny_llama(TINY), jobs, capacity=16, pad_multiple=8, progress=False)
     with pytest.raises(ValueError, match="not a multiple of pad_multiple=8"):
         pipeline(build_tiny_llama(TINY), jobs, capacity=100, pad_multiple=8, progress=False)
+    with pytest.raises(ValueError, match="window_microbatches=0 must be a positive integer or None"):
+        pipeline(build_tiny_llama(TINY), jobs, window_microbatches=0, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every=True must be a positive integer or None"):
+        pipeline(build_tiny_llama(TINY), jobs, checkpoint_every=True, progress=False)
     other = PipelineJob(name="other", samples=[torch.arange(5)], global_batch_size=1, target_modules=("q_proj",))
     with pytest.raises(ValueError, match="must wrap the same modules"):
         pipeline(build_tiny_llama(TINY), [jobs[0], other], progress=False)
