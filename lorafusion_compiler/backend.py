@@ -36,17 +36,14 @@ def _triton_available() -> bool:
     return True
 
 
-def kernel_set_for(x: torch.Tensor | None, adapter_dtype: torch.dtype | None, config: LoRAFusionConfig, *, multi: bool = False) -> str:
-    """``"triton"`` or ``"torch"`` for a site whose input is ``x`` (example value), following ``config.kernels``."""
+def kernel_set_for(x: torch.Tensor | None, adapter_dtype: torch.dtype | None, config: LoRAFusionConfig) -> str:
+    """``"triton"`` or ``"torch"`` for a site (single- or multi-adapter) whose input is ``x``
+    (example value) and whose adapters are ``adapter_dtype``, following ``config.kernels``."""
     if config.kernels != "auto":
         return config.kernels
     on_cuda = x is not None and x.device.type == "cuda"
     dtypes_ok = x is not None and x.dtype in _TRITON_DTYPES and adapter_dtype in _TRITON_DTYPES
     if not (on_cuda and dtypes_ok and _triton_available()):
-        return "torch"
-    if multi and adapter_dtype == torch.float32:
-        # fp32 adapters: the multi-adapter kernels' first tile configuration exceeded H100 shared
-        # memory in the one GPU run so far; keep the (correct) per-adapter reference until tuned.
         return "torch"
     return "triton"
 
@@ -61,7 +58,7 @@ def lorafusion_backend(
     if config.rewrite and result.sites:
         rewrite_lora_sites(gm, result.sites, kernels, deterministic=config.deterministic)
     if config.rewrite:
-        select_multi_kernels(gm, lambda x, a: kernel_set_for(x, None if a is None else a.dtype, config, multi=True))
+        select_multi_kernels(gm, lambda x, a: kernel_set_for(x, None if a is None else a.dtype, config))
     publish(result.sites, result.skipped, kernels)
     if config.dump_dir:
         from .dump import dump_kernels

@@ -43,6 +43,10 @@ __all__ = ["multi_backward", "multi_forward"]
 
 _MAX_ADAPTERS = 256
 
+GEMM_BLOCK_R = 16
+"""Rank chunk of the base_expand / dx low-rank prologue: each row piece loops over its own
+adapter's rank in chunks of this width (so small-rank adapters do no max-rank padding work)."""
+
 _ADAPTER_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
 
 
@@ -179,7 +183,7 @@ def _gemm(kernel_name, fields, x, weight, bias, low_l, lscale_unused, seeds, out
     wm = None if weight is None else (weight.t() if kernel_name == "base_expand" else weight)
     wm_ = wm if wm is not None else low_l
     bias_ = bias if bias is not None else out
-    block_r = 16  # each piece loops over its own adapter's rank in 16-wide chunks (no max-rank padding)
+    block_r = GEMM_BLOCK_R
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])

@@ -108,7 +108,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of data order, adapter init and dropout."""
     extra: dict = field(default_factory=dict, repr=False)
-    """Further keyword arguments for ``pipeline()`` (e.g. ``checkpoint_every``)."""
+    """Further keyword arguments for ``pipeline()`` (e.g. ``checkpoint_every``, ``window_microbatches``)."""
 
     def __post_init__(self) -> None:
         if not self.jobs:
