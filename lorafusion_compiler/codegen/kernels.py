@@ -8,6 +8,7 @@ every launcher is CUDA-graph capturable once its shape bucket has been tuned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -152,34 +153,46 @@ def _tma_ok(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     return all(t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x, weight))
 
 
+MULTI_BLOCK_R = 16
+"""Multi-adapter rank chunk of the base_expand / dx low-rank prologue: each row piece loops over
+its own adapter's rank in chunks of this width (no max-rank padding work for small adapters)."""
+
+
 def _lowrank_gemm(
     kernel_name: str, fields: dict, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-    low_l: torch.Tensor, low_r: torch.Tensor, lscale: float, seed: torch.Tensor, threshold: int, out: torch.Tensor,
+    low_l: torch.Tensor, low_r: torch.Tensor | None, lscale: float, seed: torch.Tensor, threshold: int, out: torch.Tensor,
+    *, route: Callable[[TileConfig], tuple] | None = None,
 ) -> torch.Tensor:
     """out[M,P] = x[M,Q] Wm[Q,P] (+ bias) + epi(low_l[M,R] low_r[R,P]); see lowrank_gemm.py.jinja.
 
-    Wm is ``weight.t()`` for base_expand (W [N,K]) and ``weight`` for dx.
+    Wm is ``weight.t()`` for base_expand (W [N,K]) and ``weight`` for dx. Multi-adapter
+    (``fields["multi"]``): ``low_r``, ``lscale`` and ``threshold`` come per row piece from the
+    adapter tables, ``seed`` holds one seed per adapter, and ``route(cfg)`` returns the routing
+    arguments (piece table, block index, int64 and fp32 adapter tables) for that tile config.
     """
     tma = _tma_ok(x, weight)
     kernel, key, rb = _prepare(kernel_name, **fields, tma=tma)
+    multi = route is not None
     m, p = out.shape
-    r = low_l.shape[1]
+    # multi: R = 0 (each piece's adapter sets its rank; an argument equal to 1 would become a constexpr)
+    r = 0 if multi else low_l.shape[1]
     q = x.shape[1] if weight is not None else 0
-    wm = None if weight is None else (weight.t() if kernel_name == "base_expand" else weight)
-    wm_ = wm if wm is not None else low_r
+    wm = low_l if weight is None else (weight.t() if kernel_name == "base_expand" else weight)
+    low_r_strides = (0, 0) if multi else low_r.stride()
     bias_ = bias if bias is not None else out
-    block_r = min(rb, 64)
+    block_r = MULTI_BLOCK_R if multi else min(rb, 64)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]),)
-        xa, wa = x, wm_
+        xa, wa = x, wm
         if tma:
             xa = _TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_Q"]])
             w_block = [cfg["BLOCK_P"], cfg["BLOCK_Q"]] if kernel_name == "base_expand" else [cfg["BLOCK_Q"], cfg["BLOCK_P"]]
             wa = _TensorDescriptor.from_tensor(weight, w_block)
         _launch(kernel, grid,
-                (xa, wa, bias_, low_l, low_r, out, seed, m, p, q, r, lscale, threshold,
-                 *x.stride(), *wm_.stride(), *low_l.stride(), *low_r.stride(), *out.stride()),
+                (xa, wa, bias_, low_l, low_l if multi else low_r, out, seed, m, p, q, r, lscale, threshold,
+                 *x.stride(), *wm.stride(), *low_l.stride(), *low_r_strides, *out.stride(),
+                 *(route(cfg) if multi else ())),
                 cfg, BLOCK_R=block_r)
         return out
 

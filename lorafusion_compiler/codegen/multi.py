@@ -32,10 +32,9 @@ from .kernels import (
     _DTYPE_NAMES,
     _dtype_name,
     _launch,
+    _lowrank_gemm,
     _prepare,
     _split,
-    _TensorDescriptor,
-    _tma_ok,
 )
 from .render import rank_bucket
 
@@ -43,9 +42,6 @@ __all__ = ["multi_backward", "multi_forward"]
 
 _MAX_ADAPTERS = 256
 
-GEMM_BLOCK_R = 16
-"""Rank chunk of the base_expand / dx low-rank prologue: each row piece loops over its own
-adapter's rank in chunks of this width (so small-rank adapters do no max-rank padding work)."""
 
 _ADAPTER_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
 
@@ -174,34 +170,16 @@ def _common(x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds):
     return n, ranks, rs, rank_bucket(rs), adapter_rows, lora_a, lora_b, aligned
 
 
-def _gemm(kernel_name, fields, x, weight, bias, low_l, lscale_unused, seeds, out, adapter_rows, itab, ftab, rb):
-    """Multi-adapter base_expand / dx: out = x Wm (+bias) + per-row-adapter low-rank term."""
-    tma = _tma_ok(x, weight)
-    kernel, key, _ = _prepare(kernel_name, **fields, tma=tma, multi=True)
-    m, p = out.shape
-    q = x.shape[1] if weight is not None else 0
-    wm = None if weight is None else (weight.t() if kernel_name == "base_expand" else weight)
-    wm_ = wm if wm is not None else low_l
-    bias_ = bias if bias is not None else out
-    block_r = GEMM_BLOCK_R
+def _gemm(kernel_name, fields, x, weight, bias, low_l, seeds, out, adapter_rows, itab, ftab):
+    """Multi-adapter base_expand / dx: out = x Wm (+bias) + each row's adapter's low-rank term
+    (the single-adapter launcher with the routing tables as extra arguments)."""
 
-    def launch(cfg: TileConfig) -> torch.Tensor:
-        pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]),)
-        xa, wa = x, wm_
-        if tma:
-            xa = _TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_Q"]])
-            w_block = [cfg["BLOCK_P"], cfg["BLOCK_Q"]] if kernel_name == "base_expand" else [cfg["BLOCK_Q"], cfg["BLOCK_P"]]
-            wa = _TensorDescriptor.from_tensor(weight, w_block)
-        _launch(kernel, grid,
-                # R = 0: the pieces set the rank (an argument equal to 1 would be a constexpr)
-                (xa, wa, bias_, low_l, low_l, out, seeds, m, p, q, 0, 1.0, 0,
-                 *x.stride(), *wm_.stride(), *low_l.stride(), 0, 0, *out.stride(),
-                 pieces, blk, itab, ftab),
-                cfg, BLOCK_R=block_r)
-        return out
+    def route(cfg: TileConfig) -> tuple:
+        pieces, blk, _spans = _pieces(adapter_rows, out.shape[0], cfg["BLOCK_M"])
+        return pieces, blk, itab, ftab
 
-    return run_tuned(kernel_name, key, (m, p, q), rb, launch)
+    return _lowrank_gemm(kernel_name, {**fields, "multi": True}, x, weight, bias, low_l, None, 1.0, seeds, 0, out,
+                         route=route)
 
 
 def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds, out_dtype):
@@ -237,7 +215,7 @@ def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_
     fields = dict(dtype=_dtype_name("x", x2), adapter_dtype=_dtype_name("lora_b", lora_b[0]),
                   has_weight=weight is not None, has_bias=bias is not None, rank_bucket=rb, adapters_aligned=aligned)
     y = torch.empty(m, n_out, dtype=out_dtype, device=dev)
-    y = _gemm("base_expand", fields, x2, weight, bias, s_act, None, seeds, y, adapter_rows, itab, ftab, rb)
+    y = _gemm("base_expand", fields, x2, weight, bias, s_act, seeds, y, adapter_rows, itab, ftab)
     return y, s_act
 
 
@@ -311,7 +289,7 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
                       adapter_dtype=_dtype_name("lora_a", lora_a[0]), has_weight=weight is not None,
                       dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0, adapters_aligned=aligned)
         d_x = torch.empty(m, k, dtype=x2.dtype, device=dev)
-        d_x = _gemm("dx", fields, dy2, weight, None, d_s, None, seeds, d_x, adapter_rows, itab, ftab, rb)
+        d_x = _gemm("dx", fields, dy2, weight, None, d_s, seeds, d_x, adapter_rows, itab, ftab)
 
     d_a = d_a if d_a.dtype == a_dtype else d_a.to(a_dtype)
     d_b = d_b if d_b.dtype == b_dtype else d_b.to(b_dtype)
