@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["TileConfig", "configs", "interpreting", "run_tuned", "shape_bucket", "tuned_choices"]
+__all__ = ["TileConfig", "cdiv", "configs", "interpreting", "next_pow2", "run_tuned", "shape_bucket", "tuned_choices"]
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,20 @@ def tuned_choices() -> dict[tuple, TileConfig]:
     return dict(_CHOICES)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host integers (``triton.cdiv`` is a constexpr function in recent Triton and
+    costs ~10 µs per host call; launchers call this a dozen times per forward+backward)."""
+    return -(-a // b)
+
+
+def next_pow2(v: int) -> int:
+    """Smallest power of two >= v (1 for v <= 1), for host integers."""
+    return 1 << max(0, v - 1).bit_length()
+
+
 def shape_bucket(m: int) -> int:
     """Token counts are bucketed to the next power of two (feature sizes are used exactly)."""
-    return 1 << max(0, m - 1).bit_length()
+    return next_pow2(m)
 
 
 def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: int, launch: Callable[[TileConfig], Any]) -> Any:

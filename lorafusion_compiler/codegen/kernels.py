@@ -15,7 +15,7 @@ import torch
 import triton
 
 from ..ops.dropout_mask import drop_threshold
-from .autotune import TileConfig, interpreting, run_tuned
+from .autotune import TileConfig, cdiv, interpreting, next_pow2, run_tuned
 from .cache import load_kernel
 from .render import KernelSpec, rank_bucket
 
@@ -64,8 +64,8 @@ def _num_sms(device: torch.device) -> int:
 
 def _split(blocks: int, other_blocks: int, device: torch.device) -> int:
     """Power-of-two split of ``blocks`` so that the grid has about 2 programs per SM."""
-    want = triton.cdiv(2 * _num_sms(device), max(other_blocks, 1))
-    return max(1, min(triton.next_power_of_2(want), triton.next_power_of_2(blocks)))
+    want = cdiv(2 * _num_sms(device), max(other_blocks, 1))
+    return max(1, min(next_pow2(want), next_pow2(blocks)))
 
 
 _COMPILED: dict[tuple, object] = {}
@@ -127,7 +127,7 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) 
     dev = x.device
 
     def launch(cfg: TileConfig) -> torch.Tensor:
-        m_blocks, k_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_K"])
+        m_blocks, k_blocks = cdiv(m, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_K"])
         k_split = _split(k_blocks, m_blocks, dev)
         if k_split == 1:
             out = torch.empty(1, m, r, dtype=lora_a.dtype, device=dev)
@@ -183,7 +183,7 @@ def _lowrank_gemm(
     block_r = MULTI_BLOCK_R if multi else min(rb, 64)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]),)
+        grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(p, cfg["BLOCK_P"]),)
         xa, wa = x, wm
         if tma:
             xa = _TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_Q"]])
@@ -242,7 +242,7 @@ def ds_db(
     dev = dy.device
 
     def launch(cfg: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        m_blocks, n_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
+        m_blocks, n_blocks = cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"])
         n_split = _split(n_blocks, m_blocks, dev)
         if deterministic:
             d_s = torch.empty(n_split, m, r, dtype=torch.float32, device=dev)
@@ -280,7 +280,7 @@ def da(
     dev = x.device
 
     def launch(cfg: TileConfig) -> torch.Tensor:
-        k_blocks, m_blocks = triton.cdiv(k, cfg["BLOCK_K"]), triton.cdiv(m, cfg["BLOCK_M"])
+        k_blocks, m_blocks = cdiv(k, cfg["BLOCK_K"]), cdiv(m, cfg["BLOCK_M"])
         m_split = _split(m_blocks, k_blocks, dev)
         if m_split == 1:
             out = torch.empty(1, r, k, dtype=a_dtype, device=dev)

@@ -24,10 +24,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-import triton
 
 from ..ops.dropout_mask import drop_threshold
-from .autotune import TileConfig, run_tuned
+from .autotune import TileConfig, cdiv, run_tuned
 from .kernels import (
     _DTYPE_NAMES,
     _dtype_name,
@@ -101,7 +100,7 @@ def build_pieces(adapter_rows: torch.Tensor, m: int, block_m: int) -> tuple[torc
     ad = torch.where(has, owner.to(torch.int32).argmax(1), -1)
     seg0 = torch.where(has, starts[ad.clamp(min=0).long()], 0)
     pieces = torch.stack([lo, hi, ad.to(torch.int64), seg0], 1).to(torch.int32).contiguous()
-    n_blocks = triton.cdiv(m, block_m)
+    n_blocks = cdiv(m, block_m)
     bounds = torch.arange(0, n_blocks + 1, device=dev, dtype=torch.int64) * block_m
     blk = torch.searchsorted(lo.contiguous(), bounds).to(torch.int32)
     return pieces, blk, _spans(ad, n)
@@ -200,7 +199,7 @@ def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_
     def launch_shrink(cfg: TileConfig) -> torch.Tensor:
         pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
         t = pieces.shape[0]
-        k_split = _split(triton.cdiv(k, cfg["BLOCK_K"]), triton.cdiv(m, cfg["BLOCK_M"]), dev)
+        k_split = _split(cdiv(k, cfg["BLOCK_K"]), cdiv(m, cfg["BLOCK_M"]), dev)
         out = torch.empty(k_split, m, rs, dtype=a_dtype if k_split == 1 else torch.float32, device=dev)
         _launch(kernel, (t, k_split),
                 (x2, lora_a[0], out, seeds, m, k, rs, 0, 1.0, m * rs, *x2.stride(), 0, 0, rs, 1,
@@ -240,7 +239,7 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
     def launch_ds_db(cfg: TileConfig):
         pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
         t = pieces.shape[0]
-        n_split = _split(triton.cdiv(n_out, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), dev)
+        n_split = _split(cdiv(n_out, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"]), dev)
         if deterministic:
             d_s = torch.empty(n_split, m, rs, dtype=torch.float32, device=dev)
             d_b = torch.zeros(t, n_out, rs, dtype=torch.float32, device=dev)
@@ -269,10 +268,10 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
     def launch_da(cfg: TileConfig) -> torch.Tensor:
         pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
         t = pieces.shape[0]
-        k_blocks = triton.cdiv(k, cfg["BLOCK_K"])
-        groups = 1 if deterministic else _split(triton.cdiv(m, cfg["BLOCK_M"]), k_blocks, dev)
-        per = triton.cdiv(t, groups)
-        groups = triton.cdiv(t, per)
+        k_blocks = cdiv(k, cfg["BLOCK_K"])
+        groups = 1 if deterministic else _split(cdiv(m, cfg["BLOCK_M"]), k_blocks, dev)
+        per = cdiv(t, groups)
+        groups = cdiv(t, per)
         out = torch.zeros(da_off[-1], dtype=torch.float32, device=dev)
         _launch(kernel, (k_blocks, groups),
                 (x2, d_s, seeds, out, per, k, t, 0, 1.0, 0, *x2.stride(), *d_s.stride(), k, 1,
