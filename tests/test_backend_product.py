@@ -120,3 +120,32 @@ def test_auto_kernel_choice_per_device_and_dtype():
     assert kernel_set_for(cuda_f64, torch.float64, auto) == "torch"
     assert kernel_set_for(torch.empty(4, 8), torch.float32, auto) == "torch"  # CPU
     assert kernel_set_for(cuda_bf16, torch.bfloat16, forced) == "torch"
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cudagraphs_option_reaches_inductor(graphs, monkeypatch):
+    """options={"cudagraphs": True} compiles the rewritten graph with Inductor's cudagraph trees
+    (config patch ``triton.cudagraphs``; on a CPU Inductor skips the graphs and runs as usual)."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from helpers import adapter_grads, assert_rel_close
+
+    real, patches = compile_fx_module.compile_fx, []
+
+    def spy(gm, inputs, **kwargs):
+        patches.append(kwargs.get("config_patches"))
+        return real(gm, inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    torch._dynamo.reset()
+    model = OneLoRA()
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="lorafusion", options={"cudagraphs": graphs})
+    compiled(x).sum().backward()
+    got = adapter_grads(model)
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    assert patches and patches[0] == ({"triton.cudagraphs": True} if graphs else {})  # the backend's call (compile_fx re-enters itself)
+    assert got.keys() == adapter_grads(model).keys() and got
+    for name, want in adapter_grads(model).items():
+        assert_rel_close(got[name], want, 1e-5, f"grad of {name}")
