@@ -88,14 +88,16 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def window(self, *, window: int, stage: int, microbatches: int, padding: int, next_round: int | None,
+    def window(self, *, window: int, stage: int, microbatches: int, padding: int, tokens: int, next_round: int | None,
                busy_s: float, wall_s: float) -> dict:
         """Record window ``window`` (index within this ``pipeline`` call) of one stage: ``microbatches``
-        run, ``padding`` of them empty; ``next_round``: rounds done after it (None inside a round)."""
+        run, ``padding`` of them empty, ``tokens`` real tokens; ``next_round``: rounds done after it
+        (None inside a round)."""
         self.busy_s += busy_s
         self.wall_s += wall_s
         record = {"kind": "stage", "window": window, "stage": stage, "microbatches": microbatches, "padding": padding,
-                  "next_round": next_round, "busy_s": busy_s, "idle_s": max(0.0, wall_s - busy_s),
+                  "tokens": tokens, "next_round": next_round, "wall_s": wall_s, "busy_s": busy_s,
+                  "idle_s": max(0.0, wall_s - busy_s),
                   "bubble_ratio": max(0.0, 1.0 - busy_s / wall_s) if wall_s > 0 else 0.0}
         self.write(record)
         return record

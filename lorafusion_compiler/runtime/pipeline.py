@@ -277,7 +277,7 @@ def _train(base_model, jobs, info: DistInfo, *, out, resume, capacity, pad_multi
     for w, window in enumerate(windows):
         run = runner.run(window)
         log.window(window=w, stage=stage, microbatches=len(window.microbatches), padding=window.padding,
-                   next_round=window.end_round, busy_s=run.busy_s, wall_s=run.wall_s)
+                   tokens=sum(run.job_tokens.values()), next_round=window.end_round, busy_s=run.busy_s, wall_s=run.wall_s)
         for items, row in zip(window.microbatches, run.losses):  # microbatch order: sums do not depend on windows
             for job, step in sorted({(job, step) for job, step, _ in items}):
                 step_loss[job, step] = step_loss.get((job, step), 0.0) + row[job_index[job]]

@@ -97,6 +97,9 @@ def test_single_stage_matches_training_each_job_alone(tmp_path):
         logged = [r for r in records if r["kind"] == "job" and r["job"] == name]
         assert [r["step"] for r in logged] == list(range(steps)) and [r["loss"] for r in logged] == losses
         assert all(r["tokens_per_s"] > 0 for r in logged)
+    last_job_records = {r["job"]: r for r in records if r["kind"] == "job"}
+    assert sum(r["tokens"] for r in stage_records) == sum(r["tokens"] for r in last_job_records.values()) > 0
+    assert all(r["wall_s"] >= r["busy_s"] for r in stage_records)
 
 
 def test_single_stage_windows_do_not_change_the_result():
