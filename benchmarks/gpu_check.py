@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from cuda_graph import capture
 from lorafusion_compiler.codegen import kernels as tk
 from lorafusion_compiler.ops import reference as ref
 from lorafusion_compiler.ops.lora_linear import lora_linear
@@ -29,15 +30,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def operands(m: int, k: int, n: int, r: int, *, adapter_dtype: torch.dtype = torch.bfloat16, grad: bool = True):
+    """(x [m,k], W [n,k]/√k, A [r,k]/√k, B [n,r], dY [m,n]) on the GPU: bf16, A and B in
+    ``adapter_dtype``; x, A and B require grad when ``grad``."""
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=grad)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k)
+    a = (torch.randn(r, k, device=dev, dtype=adapter_dtype) / math.sqrt(k)).requires_grad_(grad)
+    b = torch.randn(n, r, device=dev, dtype=adapter_dtype).requires_grad_(grad)
+    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    return x, w, a, b, dy
+
+
 def check(m, k, n, r, p, adapter_dtype, bias: bool, deterministic: bool = False) -> dict[str, float]:
     """Relative errors of y, dX, dA, dB (bf16 base) vs the float64 reference."""
-    dev = "cuda"
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k)
-    bb = torch.randn(n, device=dev, dtype=torch.bfloat16) if bias else None
-    a = (torch.randn(r, k, device=dev, dtype=adapter_dtype) / math.sqrt(k)).requires_grad_()
-    b = torch.randn(n, r, device=dev, dtype=adapter_dtype).requires_grad_()
-    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    x, w, a, b, dy = operands(m, k, n, r, adapter_dtype=adapter_dtype)
+    bb = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
     scale = 32.0 / r
     y, _s, seed = lora_linear(x, w, bb, a, b, scale, p, torch.bfloat16, "triton", deterministic)
     y.backward(dy)
@@ -66,28 +74,14 @@ def check_deterministic(m=2048, k=4096, n=4096, r=16, p=0.1) -> bool:
 
 def check_graph(m=2048, k=4096, n=4096, r=16, p=0.1) -> float:
     """Capture forward+backward in a CUDA graph; replay; rel error of dA vs an eager run with the same seed."""
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64
-    a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    x, w, a, b, dy = operands(m, k, n, r)
 
     def step():
         y, _, seed = lora_linear(x, w, None, a, b, 2.0, p, torch.bfloat16, "triton", True)
         y.backward(dy)
         return y, seed
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    for t in (x, a, b):
-        t.grad = None
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y, seed = step()
+    g, (y, seed) = capture(step, clear=(x, a, b))
     g.replay()
     torch.cuda.synchronize()
     seed_used = seed.clone()
@@ -101,11 +95,7 @@ def kernel_times(m=8192, k=4096, n=4096, r=16, p=0.1) -> str:
     """Median GPU ms of each kernel (CUDA-graph replays, so host overhead is excluded) vs cuBLAS."""
     from triton.testing import do_bench_cudagraph
     dev = "cuda"
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-    a = torch.randn(r, k, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, r, device=dev, dtype=torch.bfloat16)
-    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    x, w, a, b, dy = operands(m, k, n, r, grad=False)
     seed = torch.tensor(7, device=dev)
     s = tk.shrink(x, a, seed, p)
     ds, _ = tk.ds_db(dy, b, s, 2.0)
@@ -136,11 +126,7 @@ def triton_next_pow2(v: int) -> int:
 def profile(m: int, k: int, n: int, r: int = 16, p: float = 0.1) -> str:
     """torch.profiler table of one fwd+bwd of ours, plus the CUDA-graph-replay time (no host overhead)."""
     from torch.profiler import ProfilerActivity, profile as prof
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64
-    a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    x, w, a, b, dy = operands(m, k, n, r)
 
     def step():
         lora_linear(x, w, None, a, b, 2.0, p, torch.bfloat16, "triton", False)[0].backward(dy)
@@ -187,11 +173,7 @@ def overhead(m: int = 64, k: int = 256, n: int = 256, r: int = 16, p: float = 0.
     """Host microseconds per call (tiny shapes, so the GPU never limits)."""
     import time
     dev = "cuda"
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-    a = torch.randn(r, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    b = torch.randn(n, r, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    x, w, a, b, dy = operands(m, k, n, r)
     seed = torch.tensor(3, device=dev)
     s = tk.shrink(x.detach(), a.detach(), seed, p)
     ds, _ = tk.ds_db(dy, b.detach(), s, 2.0)
@@ -202,8 +184,9 @@ def overhead(m: int = 64, k: int = 256, n: int = 256, r: int = 16, p: float = 0.
         "torch.empty": lambda: torch.empty(m, r, device=dev),
         "torch.zeros": lambda: torch.zeros(m, r, device=dev),
         "randint seed": lambda: torch.randint(0, 2**62, (), dtype=torch.int64, device=dev),
-        "raw shrink launch": lambda: kern[(1,)](xd, ad, out, seed, m, k, r, 6554, 1.1, *xd.stride(), *ad.stride(), *out.stride(),
-                                               BLOCK_R=16, BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+        "raw shrink launch": lambda: kern[(1,)](xd, ad, out, seed, m, k, r, 6554, 1.1, m * r, *xd.stride(), *ad.stride(),
+                                               *out.stride(), BLOCK_R=16, BLOCK_M=64, BLOCK_K=128, K_SPLIT=1,
+                                               num_warps=4, num_stages=3),
         "tk.shrink": lambda: tk.shrink(xd, ad, seed, p),
         "tk.base_expand": lambda: tk.base_expand(xd, w, None, s, b.detach(), 2.0, torch.bfloat16),
         "tk.ds_db": lambda: tk.ds_db(dy, b.detach(), s, 2.0),

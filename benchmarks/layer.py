@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from cuda_graph import capture
 from lorafusion_compiler.ops.lora_linear import lora_linear
 
 __all__ = ["SHAPES", "make_layers", "time_fwd_bwd", "saved_bytes", "main"]
@@ -76,17 +77,7 @@ def time_fwd_bwd(fn: Callable, w, a, b, data, *, backward: bool = True, iters: i
 def time_graph(fn: Callable, w, a, b, data, *, iters: int = 20) -> float:
     """Median ms of one CUDA-graph replay of fn forward+backward (host launch overhead removed)."""
     x, dy = data[0]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(x, w, a, b).backward(dy)
-    torch.cuda.current_stream().wait_stream(side)
-    for t in (x, a, b):
-        t.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(x, w, a, b).backward(dy)
+    graph, _ = capture(lambda: fn(x, w, a, b).backward(dy), clear=(x, a, b))
     times = []
     for i in range(iters + 3):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -29,6 +29,7 @@ os.environ.setdefault("LORAFUSION_TUNE_MAX", "1")  # first (hand-picked) config 
 import torch
 import torch.nn.functional as F
 
+from cuda_graph import capture
 from lorafusion_compiler.ops.dropout_mask import keep_mask
 from lorafusion_compiler.ops.lora_linear import lora_linear
 from lorafusion_compiler.ops.multi_lora_linear import multi_lora_linear
@@ -134,17 +135,7 @@ def check_graph() -> tuple[str, bool]:
         y.backward(dy)
         return y, seeds
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    for t in [xs, *las, *lbs]:
-        t.grad = None
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y_g, seeds_g = step()
+    g, (y_g, seeds_g) = capture(step, clear=[xs, *las, *lbs])
     msgs, ok = [], True
     for trial in range(2):
         if trial == 1:  # new routing written into the captured tensor: the graph must follow it
@@ -206,15 +197,7 @@ def timed(fn, iters: int) -> float:
 
 def graphed(fn, iters: int) -> float:
     """ms per call of ``fn`` captured in a CUDA graph (host overhead excluded)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture(fn)
     g.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -6,6 +6,7 @@ benchmark); these tests run the same functions under pytest when a CUDA GPU is p
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "multi.py"
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    if str(folder) not in sys.path:  # the script imports its sibling cuda_graph.py
+        sys.path.insert(0, str(folder))
+    path = folder / "multi.py"
     spec = importlib.util.spec_from_file_location("lorafusion_bench_multi", path)
     module = importlib.util.module_from_spec(spec)
     before = os.environ.get("LORAFUSION_TUNE_MAX")
