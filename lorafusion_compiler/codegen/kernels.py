@@ -320,4 +320,13 @@ def dx(
     return _lowrank_gemm("dx", fields, dy, weight, None, ds, lora_a, inv_keep, seed, threshold, out)
 
 
-from .multi import multi_backward, multi_forward  # noqa: E402  (multi-adapter launchers; import after the helpers they use)
+def __getattr__(name: str):
+    """``multi_forward`` / ``multi_backward`` (the multi-adapter launchers of this kernel set) live in
+    ``multi.py``, which imports this module's helpers: resolved on first use, so either module can be
+    imported first."""
+    if name in ("multi_forward", "multi_backward"):
+        from . import multi
+
+        globals()[name] = value = getattr(multi, name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -188,3 +188,14 @@ def test_many_adapters_shuffled_ranges(device):
             assert _rel(d_a[i].cpu(), dar[i]) <= 1e-5 and _rel(d_b[i].cpu(), dbr[i]) <= 1e-5, i
         else:
             assert d_a[i].abs().sum() == 0 and d_b[i].abs().sum() == 0
+
+
+def test_multi_launchers_import_in_either_order():
+    """codegen.multi imports helpers of codegen.kernels, which exposes multi's launchers: no import cycle."""
+    import subprocess
+    import sys
+
+    code = ("import lorafusion_compiler.codegen.multi as m, lorafusion_compiler.codegen.kernels as k; "
+            "assert k.multi_forward is m.multi_forward and k.multi_backward is m.multi_backward")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
