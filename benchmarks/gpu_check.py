@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 
 import torch
 
@@ -123,6 +124,17 @@ def triton_next_pow2(v: int) -> int:
     return 1 << max(0, v - 1).bit_length()
 
 
+def host_time(fn, iters: int) -> tuple[float, float]:
+    """(host submit, wall) seconds per call of ``fn`` over ``iters`` calls, after a device sync."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / iters, (time.perf_counter() - t0) / iters
+
+
 def profile(m: int, k: int, n: int, r: int = 16, p: float = 0.1) -> str:
     """torch.profiler table of one fwd+bwd of ours, plus the CUDA-graph-replay time (no host overhead)."""
     from torch.profiler import ProfilerActivity, profile as prof
@@ -140,15 +152,8 @@ def profile(m: int, k: int, n: int, r: int = 16, p: float = 0.1) -> str:
         torch.cuda.synchronize()
     table = pr.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40)
     table2 = pr.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=40)
-    import time
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        step()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return f"profile {(m, k, n, r, p)}: host submit {(t1 - t0) / 20 * 1e3:.3f} ms/step, wall {(t2 - t0) / 20 * 1e3:.3f} ms/step\n{table}\n{table2}"
+    submit, wall = host_time(step, 20)
+    return f"profile {(m, k, n, r, p)}: host submit {submit * 1e3:.3f} ms/step, wall {wall * 1e3:.3f} ms/step\n{table}\n{table2}"
 
 
 class _DirectFn(torch.autograd.Function):
@@ -171,7 +176,6 @@ class _DirectFn(torch.autograd.Function):
 
 def overhead(m: int = 64, k: int = 256, n: int = 256, r: int = 16, p: float = 0.1) -> str:
     """Host microseconds per call (tiny shapes, so the GPU never limits)."""
-    import time
     dev = "cuda"
     x, w, a, b, dy = operands(m, k, n, r)
     seed = torch.tensor(3, device=dev)
@@ -201,13 +205,7 @@ def overhead(m: int = 64, k: int = 256, n: int = 256, r: int = 16, p: float = 0.
     for name, fn in cases.items():
         for _ in range(5):
             fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(100):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        res.append(f"{name} {(t1 - t0) * 1e4:.1f}")
+        res.append(f"{name} {host_time(fn, 100)[0] * 1e6:.1f}")
     return "host us/call: " + ", ".join(res)
 
 

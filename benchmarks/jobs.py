@@ -76,10 +76,8 @@ def one_job(base, job, args, device: torch.device) -> dict:
     loss_fn = TokenLoss(1)
     plan = [mb for mb in plan_schedule([job], capacity=args.capacity, pad_multiple=args.pad_multiple, stages=1,
                                        time_limit_s=args.time_limit) if mb]
-    last_of_step = {}
-    for k, items in enumerate(plan):
-        for _, step, _ in items:
-            last_of_step[step] = k
+    last_of_step = {step: k for k, items in enumerate(plan) for _, step, _ in items}
+    step_ends = set(last_of_step.values())  # microbatches after which an optimizer step is due
     tokens = 0
     _sync(device)
     start = time.perf_counter()
@@ -91,7 +89,7 @@ def one_job(base, job, args, device: torch.device) -> dict:
         stage.feed([StageContext.from_microbatch(mb, device=device)])
         logits = stage(mb.input_ids)
         loss_fn(logits, (mb.labels, mb.weights, mb.token_job)).backward()
-        if k in last_of_step.values():
+        if k in step_ends:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         tokens += sum(mb.job_tokens.values())

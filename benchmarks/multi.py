@@ -37,7 +37,6 @@ from lorafusion_compiler.ops.multi_lora_linear import multi_lora_linear
 DEV = "cuda"
 OUT_DTYPE = torch.bfloat16
 RANKS4 = (8, 16, 32, 64)
-PROFILE = False
 
 
 def rel(a, b) -> float:
@@ -210,7 +209,7 @@ def graphed(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def bench(name, counts, ranks, iters) -> dict:
+def bench(name, counts, ranks, iters, *, profile: bool = False) -> dict:
     p = 0.1
     x, w, _b, la, lb, scales, rows, dy = make(counts, ranks)
     ps = [p] * len(ranks)
@@ -251,7 +250,7 @@ def bench(name, counts, ranks, iters) -> dict:
     # CUDA-graph replays (the eager per-segment loop reads the routing on the host: not capturable)
     g = {"ours": graphed(ours, iters), "single": graphed(single, iters), "loop": graphed(loop, iters),
          "base": graphed(base, iters)}
-    if PROFILE:
+    if profile:
         print_kernel_times(name, ours)
     return {"name": name, "eager_t": t, "graph_t": g}
 
@@ -277,8 +276,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print per-kernel GPU times of ours per setup")
     args = parser.parse_args()
-    global PROFILE
-    PROFILE = args.profile
     t0 = time.time()
     ok = checks() if args.check else True
     iters = 5 if args.quick else 20
@@ -290,7 +287,7 @@ def main() -> None:
     rows = []
     for setup in setups:
         try:
-            rows.append(bench(*setup, iters))
+            rows.append(bench(*setup, iters, profile=args.profile))
             print(f"[{time.time() - t0:5.0f} s] {setup[0]}: graphed ms {rows[-1]['graph_t']}", flush=True)
         except Exception:
             import traceback

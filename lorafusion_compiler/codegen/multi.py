@@ -41,7 +41,6 @@ __all__ = ["multi_backward", "multi_forward"]
 
 _MAX_ADAPTERS = 256
 
-
 _ADAPTER_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
 
 
