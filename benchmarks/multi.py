@@ -9,7 +9,9 @@
 --quick   fewer iterations and only the 4-adapter setup.
 
 Benchmark (K = N = 4096, bf16, p = 0.1, fwd+bwd incl. dX, ms per step, CUDA events):
-  ours      multi_lora_linear(kernels="triton"): one launch per kernel for all adapters
+  ours      multi_lora_linear(kernels="triton"): one launch per kernel for all adapters, with the
+            routing tables built once per batch (multi_routing, shared by every layer of a model)
+  route     building those routing tables once (per batch, not per layer)
   single    lora_linear (our single-adapter kernels) on all 8192 tokens at r = 64
   loop      a Python loop over adapters calling lora_linear on each segment
   eager     multi_lora_linear(kernels="torch"): per-segment loop (mLoRA-style)
@@ -33,6 +35,7 @@ from cuda_graph import capture
 from lorafusion_compiler.ops.dropout_mask import keep_mask
 from lorafusion_compiler.ops.lora_linear import lora_linear
 from lorafusion_compiler.ops.multi_lora_linear import multi_lora_linear
+from lorafusion_compiler.ops.multi_routing import multi_routing
 
 DEV = "cuda"
 OUT_DTYPE = torch.bfloat16
@@ -70,7 +73,8 @@ def run_op(x, w, b, la, lb, scales, ps, rows, dy, kernels="triton", deterministi
     xs = x.detach().requires_grad_()
     las = [a.detach().requires_grad_() for a in la]
     lbs = [t.detach().requires_grad_() for t in lb]
-    y, _s, seeds = multi_lora_linear(xs, w, b, las, lbs, scales, ps, rows, OUT_DTYPE, kernels, deterministic)
+    routing = multi_routing(rows, xs) if kernels == "triton" else None
+    y, _s, seeds = multi_lora_linear(xs, w, b, las, lbs, scales, ps, rows, OUT_DTYPE, kernels, deterministic, routing)
     y.backward(dy)
     return y.detach(), xs.grad, [a.grad for a in las], [t.grad for t in lbs], seeds
 
@@ -129,8 +133,9 @@ def check_graph() -> tuple[str, bool]:
     las = [a.detach().requires_grad_() for a in la]
     lbs = [t.detach().requires_grad_() for t in lb]
 
-    def step():
-        y, _s, seeds = multi_lora_linear(xs, w, b, las, lbs, scales, ps, rows, OUT_DTYPE, "triton", True)
+    def step():  # the routing tables are built inside the graph: a replay follows new values in rows
+        routing = multi_routing(rows, xs)
+        y, _s, seeds = multi_lora_linear(xs, w, b, las, lbs, scales, ps, rows, OUT_DTYPE, "triton", True, routing)
         y.backward(dy)
         return y, seeds
 
@@ -220,13 +225,15 @@ def bench(name, counts, ranks, iters, *, profile: bool = False) -> dict:
     a64 = (torch.randn(64, k, device=DEV) / k**0.5).to(x.dtype).requires_grad_()
     b64 = (torch.randn(n, 64, device=DEV) / 8).to(x.dtype).requires_grad_()
     segs = [(int(s), int(c)) for s, c in rows.tolist()]
+    routing = multi_routing(rows, xs)  # once per batch
 
     def clear_grads():  # as zero_grad(set_to_none=True): no accumulation kernels in the timings
         for t in (xs, a64, b64, *las, *lbs):
             t.grad = None
 
     def ours(kernels="triton"):
-        y, _s, _seeds = multi_lora_linear(xs, w, None, las, lbs, scales, ps, rows, OUT_DTYPE, kernels, False)
+        y, _s, _seeds = multi_lora_linear(xs, w, None, las, lbs, scales, ps, rows, OUT_DTYPE, kernels, False,
+                                          routing if kernels == "triton" else None)
         y.backward(dy)
         clear_grads()
 
@@ -249,7 +256,8 @@ def bench(name, counts, ranks, iters, *, profile: bool = False) -> dict:
          "eager": timed(lambda: ours("torch"), max(2, iters // 4)), "base": timed(base, iters)}
     # CUDA-graph replays (the eager per-segment loop reads the routing on the host: not capturable)
     g = {"ours": graphed(ours, iters), "single": graphed(single, iters), "loop": graphed(loop, iters),
-         "base": graphed(base, iters)}
+         "base": graphed(base, iters), "route": graphed(lambda: multi_routing(rows, xs), iters)}
+    t["route"] = timed(lambda: multi_routing(rows, xs), iters)
     if profile:
         print_kernel_times(name, ours)
     return {"name": name, "eager_t": t, "graph_t": g}
@@ -296,14 +304,15 @@ def main() -> None:
             ok = False
     print(f"\nbench took {time.time() - t0:.0f} s total (LORAFUSION_TUNE_MAX={os.environ['LORAFUSION_TUNE_MAX']})")
     print("K=N=4096 bf16 p=0.1, 8192 tokens, fwd+bwd ms; ratios: ours/single (target <=1.05, 64x128 <=1.15), "
-          "loop/ours (>=1.3), eager/ours (>=2)")
-    hdr = f"{'setup':24s} {'mode':6s} {'ours':>7s} {'single':>7s} {'loop':>7s} {'eager':>7s} {'base':>7s} {'o/single':>8s} {'loop/o':>7s} {'eager/o':>7s}"
+          "loop/ours (>=1.3), eager/ours (>=2); route = the routing tables, built once per batch")
+    hdr = (f"{'setup':24s} {'mode':6s} {'ours':>7s} {'single':>7s} {'loop':>7s} {'eager':>7s} {'base':>7s} {'route':>7s} "
+           f"{'o/single':>8s} {'loop/o':>7s} {'eager/o':>7s}")
     print(hdr)
     for r in rows:
         e, g = r["eager_t"], r["graph_t"]
         for mode, t in (("eager", e), ("graph", g)):
             print(f"{r['name']:24s} {mode:6s} {t['ours']:7.3f} {t['single']:7.3f} {t['loop']:7.3f} {e['eager']:7.3f} "
-                  f"{t['base']:7.3f} {t['ours'] / t['single']:8.3f} {t['loop'] / t['ours']:7.2f} {e['eager'] / t['ours']:7.2f}")
+                  f"{t['base']:7.3f} {t['route']:7.3f} {t['ours'] / t['single']:8.3f} {t['loop'] / t['ours']:7.2f} {e['eager'] / t['ours']:7.2f}")
     print("(eager column = the torch per-segment loop, always eager; 'graph' rows: CUDA-graph replays)")
     if not ok:
         print("CORRECTNESS CHECKS FAILED (see above)")

@@ -7,7 +7,8 @@ from torch import nn
 
 from lorafusion_compiler.ops.dropout_mask import keep_mask
 
-__all__ = ["assert_rel_close", "rel_error", "SeededDropout", "use_seeded_dropout", "adapter_grads", "compare_compiled_to_eager", "LossOf"]
+__all__ = ["assert_rel_close", "rel_error", "SeededDropout", "use_seeded_dropout", "adapter_grads", "compare_compiled_to_eager", "LossOf",
+           "ADAPTERS", "peft_with_adapters"]
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -103,3 +104,26 @@ def compare_compiled_to_eager(model: nn.Module, *inputs: torch.Tensor, inner_bac
     for name in want:
         assert_rel_close(got[name], want[name], tol, f"grad of {name}")
     return report
+
+
+ADAPTERS = {"a": dict(r=4, lora_alpha=8), "b": dict(r=8, lora_alpha=8), "c": dict(r=3, lora_alpha=6), "unused": dict(r=2, lora_alpha=2)}
+"""LoRA settings of the adapters of ``peft_with_adapters`` (different ranks and scales)."""
+
+
+def peft_with_adapters(names: list[str]) -> nn.Module:
+    """The embedded tiny LLaMa with PEFT adapters ``names`` (from ``ADAPTERS``) on q/v/down_proj;
+    A and B drawn from one fixed generator, so every copy of the model is identical."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorafusion_compiler.product.tiny_llama import build_tiny_llama
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    first, *rest = names
+    model = get_peft_model(build_tiny_llama(seed=1), LoraConfig(target_modules=targets, **ADAPTERS[first]), adapter_name=first)
+    for name in rest:
+        model.add_adapter(name, LoraConfig(target_modules=targets, **ADAPTERS[name]))
+    g = torch.Generator().manual_seed(5)
+    for pname, param in model.named_parameters():
+        if "lora_" in pname:
+            param.data = torch.randn(param.shape, generator=g) * 0.05
+    return model

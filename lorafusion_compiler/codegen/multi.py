@@ -1,11 +1,10 @@
 """Launchers of the multi-adapter specialisation (``KernelSpec.multi``) of the five kernels.
 
 Routing: rows of x [M, K] are owned by adapters through ``adapter_rows`` [n, 2] (start,
-count; one contiguous range per adapter, gaps get the base layer only). Per launch the
-rows are cut into *pieces* at every multiple of BLOCK_M and at every range boundary, so a
-piece has <= BLOCK_M rows of one adapter (or of none). The piece table is built on the
-device with torch ops (no host sync) and has a fixed length cdiv(M, BLOCK_M) + 2n, so its
-size never depends on the routing values (empty pieces are skipped by the kernels):
+count; one contiguous range per adapter, gaps get the base layer only). The rows are cut
+into *pieces* of <= BLOCK_M rows of one adapter (or of none); the piece tables
+(``ops.multi_routing``) come packed for every BLOCK_M, built once per batch (``routing``
+argument) or here on first use (cached). Empty pieces are skipped by the kernels:
 
 * shrink / ds_db: one program per piece (pieces of no adapter exit at once);
 * base_expand / dx: regular BLOCK_M row blocks (the base GEMM is never split); the pieces
@@ -16,16 +15,18 @@ size never depends on the routing values (empty pieces are skipped by the kernel
 Per-adapter parameters live in two small device tables (int64: A/B pointers and row strides,
 rank, dropout threshold, dA/dB offsets in the packed gradient buffers; fp32: scale,
 1/(1-p)), cached by value, so a steady-state call copies nothing host-to-device. Piece
-tables are cached per ``adapter_rows`` tensor (weakly, by identity and version).
+tables built here are cached per ``adapter_rows`` tensor (weakly, by identity and version).
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 
 from ..ops.dropout_mask import drop_threshold
+from ..ops.multi_routing import build_routing, unpack_routing
 from .autotune import TileConfig, cdiv, run_tuned
 from .kernels import (
     _DTYPE_NAMES,
@@ -76,70 +77,38 @@ def _adapter_tables(lora_a, lora_b, scales, dropout_ps, device):
     return out
 
 
-_PIECES: dict[int, tuple[weakref.ref, dict]] = {}
+_ROUTING: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def build_pieces(adapter_rows: torch.Tensor, m: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pieces int32 [T, 4] = (row start, row end, adapter or -1, adapter's first row),
-    block index int32 [cdiv(M, BLOCK_M) + 1]: pieces of row block b are blk[b] .. blk[b+1]-1,
-    spans int32 [n, 2]: first and last piece of each adapter).
+def _pieces(adapter_rows: torch.Tensor, m: int, block_m: int, routing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pieces, blk, spans) for BLOCK_M: views into the packed ``routing`` tensor, which is built
+    here when not given (``build_routing``, cached per adapter_rows tensor: identity + version, M).
 
-    T = cdiv(M, BLOCK_M) + 2n regardless of the values, so nothing is read back to the host.
+    During CUDA-graph capture a missing table is built inside the graph (device ops only), so
+    a replay follows new routing values written into adapter_rows.
     """
-    dev = adapter_rows.device
-    n = adapter_rows.shape[0]
-    live = adapter_rows[:, 1] > 0  # adapters without rows cut nothing (their start could be anywhere)
-    starts = torch.where(live, adapter_rows[:, 0], 0).clamp(0, m)
-    ends = torch.where(live, adapter_rows[:, 0] + adapter_rows[:, 1], 0).clamp(0, m)
-    grid_pts = torch.arange(0, m, block_m, device=dev, dtype=torch.int64)
-    pts = torch.cat([grid_pts, starts, ends, torch.full((1,), m, device=dev, dtype=torch.int64)]).sort().values
-    lo, hi = pts[:-1], pts[1:]
-    owner = (starts[None, :] <= lo[:, None]) & (lo[:, None] < ends[None, :]) & (hi > lo)[:, None]
-    has = owner.any(1)
-    ad = torch.where(has, owner.to(torch.int32).argmax(1), -1)
-    seg0 = torch.where(has, starts[ad.clamp(min=0).long()], 0)
-    pieces = torch.stack([lo, hi, ad.to(torch.int64), seg0], 1).to(torch.int32).contiguous()
-    n_blocks = cdiv(m, block_m)
-    bounds = torch.arange(0, n_blocks + 1, device=dev, dtype=torch.int64) * block_m
-    blk = torch.searchsorted(lo.contiguous(), bounds).to(torch.int32)
-    return pieces, blk, _spans(ad, n)
+    if routing is None:
+        routing = _cached_routing(adapter_rows, m)
+    return unpack_routing(routing, m, adapter_rows.shape[0], block_m)
 
 
-def _spans(ad: torch.Tensor, n: int) -> torch.Tensor:
-    """int32 [n, 2]: first and last piece of each adapter (T and -1 for adapters without rows)."""
-    t = ad.shape[0]
-    idx = torch.arange(t, device=ad.device)
-    valid = ad >= 0
-    slot = ad.clamp(min=0).long()
-    first = torch.full((n,), t, dtype=torch.int64, device=ad.device).scatter_reduce(
-        0, slot, torch.where(valid, idx, t), reduce="amin")
-    last = torch.full((n,), -1, dtype=torch.int64, device=ad.device).scatter_reduce(
-        0, slot, torch.where(valid, idx, -1), reduce="amax")
-    return torch.stack([first, last], 1).to(torch.int32).contiguous()
-
-
-def _pieces(adapter_rows: torch.Tensor, m: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``build_pieces`` cached per adapter_rows tensor (identity + version), M and BLOCK_M.
-
-    During CUDA-graph capture the table is built inside the graph (device ops only), so a
-    replay follows new routing values written into the same adapter_rows tensor.
-    """
+def _cached_routing(adapter_rows: torch.Tensor, m: int) -> torch.Tensor:
     if adapter_rows.is_cuda and torch.cuda.is_current_stream_capturing():
-        return build_pieces(adapter_rows, m, block_m)
-    entry = _PIECES.get(id(adapter_rows))
+        return build_routing(adapter_rows, m)
+    entry = _ROUTING.get(id(adapter_rows))
     if entry is None or entry[0]() is not adapter_rows:
         tid = id(adapter_rows)
         def _drop(ref, tid=tid):
-            if tid in _PIECES and _PIECES[tid][0] is ref:
-                del _PIECES[tid]
-        entry = _PIECES[tid] = (weakref.ref(adapter_rows, _drop), {})
+            if tid in _ROUTING and _ROUTING[tid][0] is ref:
+                del _ROUTING[tid]
+        entry = _ROUTING[tid] = (weakref.ref(adapter_rows, _drop), {})
     per = entry[1]
-    key = (adapter_rows._version, m, block_m)
+    key = (adapter_rows._version, m)
     hit = per.get(key)
     if hit is None:
         if len(per) > 16:
             per.clear()
-        hit = per[key] = build_pieces(adapter_rows, m, block_m)
+        hit = per[key] = build_routing(adapter_rows, m)
     return hit
 
 
@@ -168,23 +137,26 @@ def _common(x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds):
     return n, ranks, rs, rank_bucket(rs), adapter_rows, lora_a, lora_b, aligned
 
 
-def _gemm(kernel_name, fields, x, weight, bias, low_l, seeds, out, adapter_rows, itab, ftab):
+def _gemm(kernel_name, fields, x, weight, bias, low_l, seeds, out, tables, itab, ftab):
     """Multi-adapter base_expand / dx: out = x Wm (+bias) + each row's adapter's low-rank term
     (the single-adapter launcher with the routing tables as extra arguments)."""
 
     def route(cfg: TileConfig) -> tuple:
-        pieces, blk, _spans = _pieces(adapter_rows, out.shape[0], cfg["BLOCK_M"])
+        pieces, blk, _spans = tables(cfg["BLOCK_M"])
         return pieces, blk, itab, ftab
 
     return _lowrank_gemm(kernel_name, {**fields, "multi": True}, x, weight, bias, low_l, None, 1.0, seeds, 0, out,
                          route=route)
 
 
-def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds, out_dtype):
-    """(y [M, N] in ``out_dtype``, S [M, max rank] in the adapters' dtype) for routed adapters."""
+def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds, out_dtype,
+                  *, routing: torch.Tensor | None = None):
+    """(y [M, N] in ``out_dtype``, S [M, max rank] in the adapters' dtype) for routed adapters;
+    ``routing``: the packed tables of ``ops.multi_routing`` (else built here, cached)."""
     n, ranks, rs, rb, adapter_rows, lora_a, lora_b, aligned = _common(
         x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds)
     m, k = x2.shape
+    tables = functools.partial(_pieces, adapter_rows, m, routing=routing)
     n_out = lora_b[0].shape[0]
     dev = x2.device
     itab, ftab, _, _ = _adapter_tables(lora_a, lora_b, scales, dropout_ps, dev)
@@ -196,7 +168,7 @@ def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_
                               adapters_aligned=aligned)
 
     def launch_shrink(cfg: TileConfig) -> torch.Tensor:
-        pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
+        pieces, blk, spans = tables(cfg["BLOCK_M"])
         t = pieces.shape[0]
         k_split = _split(cdiv(k, cfg["BLOCK_K"]), cdiv(m, cfg["BLOCK_M"]), dev)
         out = torch.empty(k_split, m, rs, dtype=a_dtype if k_split == 1 else torch.float32, device=dev)
@@ -213,20 +185,23 @@ def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_
     fields = dict(dtype=_dtype_name("x", x2), adapter_dtype=_dtype_name("lora_b", lora_b[0]),
                   has_weight=weight is not None, has_bias=bias is not None, rank_bucket=rb, adapters_aligned=aligned)
     y = torch.empty(m, n_out, dtype=out_dtype, device=dev)
-    y = _gemm("base_expand", fields, x2, weight, bias, s_act, seeds, y, adapter_rows, itab, ftab)
+    y = _gemm("base_expand", fields, x2, weight, bias, s_act, seeds, y, tables, itab, ftab)
     return y, s_act
 
 
 def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx,
-                   *, deterministic: bool = False):
-    """(dX [M, K] (empty unless ``needs_dx``), [dA_i], [dB_i]); adapters without rows get zeros."""
+                   *, deterministic: bool = False, routing: torch.Tensor | None = None):
+    """(dX [M, K] (empty unless ``needs_dx``), packed dA, packed dB), both fp32: the adapters'
+    gradients flattened in adapter order (dA_i [r_i, K], dB_i [N, r_i]; see ``unpack_grads``).
+    Adapters without rows get zeros."""
     n, ranks, rs, rb, adapter_rows, lora_a, lora_b, aligned = _common(
         x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds)
     m, k = x2.shape
+    tables = functools.partial(_pieces, adapter_rows, m, routing=routing)
     n_out = dy2.shape[1]
     dev = x2.device
     itab, ftab, da_off, db_off = _adapter_tables(lora_a, lora_b, scales, dropout_ps, dev)
-    a_dtype, b_dtype = lora_a[0].dtype, lora_b[0].dtype
+    a_dtype = lora_a[0].dtype
     dropout = any(p != 0.0 for p in dropout_ps)
     if s_act.shape != (m, rs):
         raise ValueError(f"s_act has shape {tuple(s_act.shape)}, expected {(m, rs)}")
@@ -236,15 +211,15 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
                               rank_bucket=rb, deterministic=deterministic, multi=True, adapters_aligned=aligned)
 
     def launch_ds_db(cfg: TileConfig):
-        pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
+        pieces, blk, spans = tables(cfg["BLOCK_M"])
         t = pieces.shape[0]
         n_split = _split(cdiv(n_out, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"]), dev)
         if deterministic:
             d_s = torch.empty(n_split, m, rs, dtype=torch.float32, device=dev)
             d_b = torch.zeros(t, n_out, rs, dtype=torch.float32, device=dev)
         else:
-            both = torch.zeros(m * rs + db_off[-1], dtype=torch.float32, device=dev)
-            d_s, d_b = both[: m * rs].view(1, m, rs), both[m * rs:]
+            d_s = torch.zeros(1, m, rs, dtype=torch.float32, device=dev)
+            d_b = torch.zeros(db_off[-1], dtype=torch.float32, device=dev)
         _launch(kernel, (t, n_split),
                 (dy2, lora_b[0], s_act, d_s, d_b, m, n_out, rs, 1.0, m * rs, n_out * rs,
                  *dy2.stride(), 0, 0, *s_act.stride(), rs, 1, rs, 1,
@@ -265,7 +240,7 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
                               multi=True)
 
     def launch_da(cfg: TileConfig) -> torch.Tensor:
-        pieces, blk, spans = _pieces(adapter_rows, m, cfg["BLOCK_M"])
+        pieces, blk, spans = tables(cfg["BLOCK_M"])
         t = pieces.shape[0]
         k_blocks = cdiv(k, cfg["BLOCK_K"])
         groups = 1 if deterministic else _split(cdiv(m, cfg["BLOCK_M"]), k_blocks, dev)
@@ -287,10 +262,6 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
                       adapter_dtype=_dtype_name("lora_a", lora_a[0]), has_weight=weight is not None,
                       dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0, adapters_aligned=aligned)
         d_x = torch.empty(m, k, dtype=x2.dtype, device=dev)
-        d_x = _gemm("dx", fields, dy2, weight, None, d_s, seeds, d_x, adapter_rows, itab, ftab)
+        d_x = _gemm("dx", fields, dy2, weight, None, d_s, seeds, d_x, tables, itab, ftab)
 
-    d_a = d_a if d_a.dtype == a_dtype else d_a.to(a_dtype)
-    d_b = d_b if d_b.dtype == b_dtype else d_b.to(b_dtype)
-    d_as = [d_a[da_off[i]: da_off[i + 1]].view(ranks[i], k) for i in range(n)]
-    d_bs = [d_b[db_off[i]: db_off[i + 1]].view(n_out, ranks[i]) for i in range(n)]
-    return d_x, d_as, d_bs
+    return d_x, d_a, d_b

@@ -26,7 +26,7 @@ from torch import Tensor
 from .kernel_set import get_kernel_set
 from .lora_linear import check_lora_inputs
 
-__all__ = ["multi_lora_linear", "multi_lora_linear_backward", "check_multi_inputs"]
+__all__ = ["multi_lora_linear", "multi_lora_linear_backward", "check_multi_inputs", "unpack_grads"]
 
 
 def check_multi_inputs(
@@ -109,8 +109,14 @@ def multi_lora_linear(
     out_dtype: torch.dtype,
     kernels: str,
     deterministic: bool,
+    routing: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Routed multi-adapter LoRA linear; returns (y [..., N], S [M, max rank], seeds [n])."""
+    """Routed multi-adapter LoRA linear; returns (y [..., N], S [M, max rank], seeds [n]).
+
+    ``routing``: the packed piece tables of ``torch.ops.lorafusion.multi_routing(adapter_rows, x)``,
+    built once per batch and shared by every layer, or None (the fused kernels then build them
+    per call; the torch path never reads them).
+    """
     check_multi_inputs(x, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows)
     x2 = x.reshape(-1, x.shape[-1])
     seeds = _new_seeds(x, dropout_ps)
@@ -119,12 +125,13 @@ def multi_lora_linear(
         y, s_act = _torch_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, ranges, seeds, out_dtype)
     else:
         impl = get_kernel_set(kernels)
-        y, s_act = impl.multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds, out_dtype)
+        y, s_act = impl.multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds, out_dtype,
+                                      routing=routing)
     return y.reshape(*x.shape[:-1], y.shape[-1]), s_act, seeds
 
 
 @multi_lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, out_dtype, kernels, deterministic):
+def _(x, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, out_dtype, kernels, deterministic, routing):
     check_multi_inputs(x, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows)
     m = x.numel() // x.shape[-1]
     y = x.new_empty(*x.shape[:-1], lora_b[0].shape[0], dtype=out_dtype)
@@ -132,11 +139,13 @@ def _(x, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, out_dty
     return y, s_act, x.new_empty(len(lora_a), dtype=torch.int64)
 
 
-def _own_storage(tensors: list[Tensor]) -> list[Tensor]:
-    """Copies of ``tensors`` in separate allocations (``torch._foreach_copy_``: one fused launch)."""
-    outs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
-    torch._foreach_copy_(outs, tensors)
-    return outs
+def unpack_grads(packed: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Views of a packed gradient buffer (flattened gradients in order) shaped like ``like``."""
+    views, offset = [], 0
+    for t in like:
+        views.append(packed[offset: offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return views
 
 
 @torch.library.custom_op("lorafusion::multi_lora_linear_backward", mutates_args=())
@@ -154,19 +163,22 @@ def multi_lora_linear_backward(
     needs_dx: bool,
     kernels: str,
     deterministic: bool,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Returns (dX [..., K] or empty, [dA_i], [dB_i]); adapters without rows get zero grads."""
+    routing: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dX [..., K] or empty, packed dA, packed dB): every adapter's gradient flattened, in
+    adapter order, in the adapters' dtype (``unpack_grads`` gives the per-adapter views; outputs of
+    a custom op may not alias each other, so the views are made outside). Adapters without rows
+    get zero gradients."""
     dy2 = dy.reshape(-1, dy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     if kernels != "torch":
         impl = get_kernel_set(kernels)
         d_x, d_a, d_b = impl.multi_backward(
-            dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx, deterministic=deterministic
+            dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx,
+            deterministic=deterministic, routing=routing,
         )
-        # The kernels return views of one packed buffer; a custom op's outputs may not alias
-        # each other, so give each gradient its own storage (one multi-tensor copy launch).
-        d_a, d_b = _own_storage(d_a), _own_storage(d_b)
-        return (d_x.reshape(x.shape) if needs_dx else x.new_empty(0)), d_a, d_b
+        d_x = d_x.reshape(x.shape) if needs_dx else x.new_empty(0)
+        return d_x, d_a.to(lora_a[0].dtype), d_b.to(lora_b[0].dtype)
     ref = get_kernel_set("torch")
     ranges = _row_ranges(adapter_rows, x2.shape[0])
     d_a = [torch.zeros_like(a) for a in lora_a]
@@ -181,32 +193,37 @@ def multi_lora_linear_backward(
         d_a[i] = ref.da(x2[rows], ds, seeds[i], dropout_ps[i], lora_a[i].dtype)
         if needs_dx:
             d_x[rows] += ref.dx(dy2[rows], None, ds, lora_a[i], seeds[i], dropout_ps[i], x.dtype)
-    return (d_x.reshape(x.shape) if needs_dx else x.new_empty(0)), d_a, d_b
+    packed_a = torch.cat([g.reshape(-1).to(lora_a[0].dtype) for g in d_a])
+    packed_b = torch.cat([g.reshape(-1).to(lora_b[0].dtype) for g in d_b])
+    return (d_x.reshape(x.shape) if needs_dx else x.new_empty(0)), packed_a, packed_b
 
 
 @multi_lora_linear_backward.register_fake
-def _(dy, x, weight, lora_a, lora_b, s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx, kernels, deterministic):
+def _(dy, x, weight, lora_a, lora_b, s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx, kernels, deterministic,
+      routing):
     d_x = torch.empty_like(x) if needs_dx else x.new_empty(0)
-    return d_x, [torch.empty_like(a) for a in lora_a], [torch.empty_like(b) for b in lora_b]
+    return d_x, lora_a[0].new_empty(sum(a.numel() for a in lora_a)), lora_b[0].new_empty(sum(b.numel() for b in lora_b))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, _out_dtype, kernels, deterministic = inputs
+    x, weight, _bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, _out_dtype, kernels, deterministic, routing = inputs
     _y, s_act, seeds = output
-    ctx.save_for_backward(x, weight, adapter_rows, s_act, seeds, *lora_a, *lora_b)
+    ctx.save_for_backward(x, weight, adapter_rows, routing, s_act, seeds, *lora_a, *lora_b)
     ctx.options = (len(lora_a), scales, dropout_ps, kernels, deterministic)
 
 
 def _backward(ctx, dy, _ds_act, _dseeds):
     n, scales, dropout_ps, kernels, deterministic = ctx.options
-    x, weight, adapter_rows, s_act, seeds, *adapters = ctx.saved_tensors
+    x, weight, adapter_rows, routing, s_act, seeds, *adapters = ctx.saved_tensors
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError("lorafusion.multi_lora_linear treats the base weight and bias as frozen, but one requires grad")
     needs_dx = ctx.needs_input_grad[0]
     d_x, d_a, d_b = multi_lora_linear_backward(
-        dy, x, weight, adapters[:n], adapters[n:], s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx, kernels, deterministic
+        dy, x, weight, adapters[:n], adapters[n:], s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx, kernels,
+        deterministic, routing,
     )
-    return (d_x if needs_dx else None), None, None, d_a, d_b, None, None, None, None, None, None
+    d_a, d_b = unpack_grads(d_a, adapters[:n]), unpack_grads(d_b, adapters[n:])
+    return (d_x if needs_dx else None), None, None, d_a, d_b, None, None, None, None, None, None, None
 
 
 multi_lora_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -39,7 +39,8 @@ __all__ = ["LazySteps"]
 
 @dataclass
 class _Norms:
-    """Squared gradient norms of the steps that finish at one microbatch (float32 [m], host)."""
+    """Squared gradient norms of the steps that finish at one microbatch (float32 [m]; on the host
+    when all-reduced over stages, else on the parameters' device)."""
 
     sq: torch.Tensor
     index: dict[Step, int]
@@ -93,7 +94,8 @@ class LazySteps:
             grads = [p.grad for p in self.params[job] if p.grad is not None]
             if grads:
                 sq[i] = torch.stack([torch.linalg.vector_norm(g) for g in grads]).pow(2).sum()
-        norms = _Norms(sq=sq.cpu(), index={step: i for i, step in enumerate(steps)})
+        # several stages: a host copy for the gloo all-reduce; one stage: stays on the device (no sync)
+        norms = _Norms(sq=sq.cpu() if self.group is not None else sq, index={step: i for i, step in enumerate(steps)})
         if self.group is not None:
             norms.work = dist.all_reduce(norms.sq, group=self.group, async_op=True)
         for step in steps:

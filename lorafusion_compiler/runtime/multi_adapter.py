@@ -47,6 +47,7 @@ def _routed_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
         x.dtype,  # PEFT casts the sum back to the base layer's dtype
         "torch",
         False,
+        None,  # routing tables: the backend adds a shared multi_routing node when it picks the fused kernels
     )
     return y
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lorafusion_compiler.codegen import kernels as K
-from lorafusion_compiler.codegen.multi import build_pieces
+from lorafusion_compiler.ops.multi_routing import ROUTING_BLOCK_MS, multi_routing, unpack_routing
 from lorafusion_compiler.ops.dropout_mask import keep_mask
-from lorafusion_compiler.ops.multi_lora_linear import multi_lora_linear
+from lorafusion_compiler.ops.multi_lora_linear import multi_lora_linear, unpack_grads
 
 
 def _rel(a, b):
@@ -41,6 +41,12 @@ def reference(x, w, bias, lora_a, lora_b, scales, ps, rows, seeds, dy):
         d_a.append(ds.T @ xt)
         dx[r] += (ds @ a.double()) * mask
     return y, s_all, dx, d_a, d_b
+
+
+def multi_backward(dy, x, w, la, lb, *args, **kw):
+    """K.multi_backward with its packed gradients unpacked into per-adapter views."""
+    d_x, d_a, d_b = K.multi_backward(dy, x, w, la, lb, *args, **kw)
+    return d_x, unpack_grads(d_a, la), unpack_grads(d_b, lb)
 
 
 def _problem(m, k, n, ranks, starts, counts, ps, dtype, *, weight=True, bias=False, seed=0):
@@ -76,7 +82,7 @@ def test_multi_kernels_match_float64(case, device):
     x, w, b, dy, rows, seeds = map(mv, (x, w, b, dy, rows, seeds))
     la, lb = [a.to(device) for a in la], [t.to(device) for t in lb]
     y, s_act = K.multi_forward(x, w, b, la, lb, scales, ps, rows, seeds, torch.float32)
-    d_x, d_a, d_b = K.multi_backward(dy, x, w, la, lb, s_act, seeds, rows, scales, ps, True)
+    d_x, d_a, d_b = multi_backward(dy, x, w, la, lb, s_act, seeds, rows, scales, ps, True)
     yr, sr, dxr, dar, dbr = reference(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in (x, w, b)),
                                       [a.cpu() for a in la], [t.cpu() for t in lb], scales, ps, rows.cpu(), seeds.cpu(), dy.cpu())
     assert _rel(y.cpu(), yr) <= tol
@@ -104,7 +110,7 @@ def test_multi_deterministic_is_bitwise_repeatable(device):
     x, w, dy, rows, seeds = (t.to(device) for t in (x, w, dy, rows, seeds))
     la, lb = [a.to(device) for a in la], [t.to(device) for t in lb]
     y, s_act = K.multi_forward(x, w, None, la, lb, scales, ps, rows, seeds, torch.float32)
-    runs = [K.multi_backward(dy, x, w, la, lb, s_act, seeds, rows, scales, ps, True, deterministic=True) for _ in range(2)]
+    runs = [multi_backward(dy, x, w, la, lb, s_act, seeds, rows, scales, ps, True, deterministic=True) for _ in range(2)]
     (dx0, da0, db0), (dx1, da1, db1) = runs
     assert torch.equal(dx0, dx1)
     assert all(torch.equal(p, q) for p, q in zip(da0 + db0, da1 + db1))
@@ -113,17 +119,25 @@ def test_multi_deterministic_is_bitwise_repeatable(device):
     assert max(_rel(p.cpu(), q) for p, q in zip(da0 + db0, dar + dbr)) <= 1e-5
 
 
-def test_piece_table_splits_at_blocks_and_ranges():
-    rows = torch.tensor([[5, 0], [3, 40], [43, 1], [100, 60], [70, 0]], dtype=torch.int64)
-    m, bm = 170, 32
-    pieces, blk, spans = build_pieces(rows, m, bm)
-    assert pieces.shape[0] == -(-m // bm) + 2 * rows.shape[0]
+@pytest.mark.parametrize("block_m", ROUTING_BLOCK_MS)
+@pytest.mark.parametrize("rows, m", [
+    ([[5, 0], [3, 40], [43, 1], [100, 60], [70, 0]], 170),   # gaps, empty adapters, a 1-row adapter
+    ([[0, 300], [300, 212]], 512),                           # ranges on block boundaries, no gaps
+    ([[600, 1], [2, 7], [9, 500]], 601),                     # ranges out of order
+])
+def test_piece_tables_split_at_blocks_and_ranges(rows, m, block_m):
+    """Every row lies in exactly one piece; a piece stays in one row block and one adapter; the
+    block index and the spans point at the right pieces; the table length is cdiv(M, BLOCK_M) + 2n."""
+    rows = torch.tensor(rows, dtype=torch.int64)
+    n, bm = rows.shape[0], block_m
+    pieces, blk, spans = unpack_routing(multi_routing(rows, torch.empty(m, 1)), m, n, bm)
+    assert pieces.shape[0] == -(-m // bm) + 2 * n
     owner = torch.full((m,), -1)
     for i, (s, c) in enumerate(rows.tolist()):
         owner[s : s + c] = i
     covered = torch.zeros(m, dtype=torch.int64)
     for lo, hi, ad, seg0 in pieces.tolist():
-        assert 0 <= hi - lo <= bm and lo // bm == (hi - 1) // bm or hi == lo
+        assert 0 <= hi - lo <= bm and (lo // bm == (hi - 1) // bm or hi == lo)
         covered[lo:hi] += 1
         if hi > lo:
             assert (owner[lo:hi] == ad).all()
@@ -133,9 +147,33 @@ def test_piece_table_splits_at_blocks_and_ranges():
     for i, (s, c) in enumerate(rows.tolist()):  # spans: first/last piece of each adapter
         mine = [j for j, piece in enumerate(pieces.tolist()) if piece[2] == i]
         assert spans[i].tolist() == ([mine[0], mine[-1]] if c else [pieces.shape[0], -1])
-    for b in range(blk.shape[0] - 1):  # block b's pieces are exactly those starting in it
-        for j in range(blk[b], blk[b + 1]):
-            assert b * bm <= pieces[j, 0] < (b + 1) * bm
+    assert blk.shape[0] == -(-m // bm) + 1
+    for b in range(blk.shape[0] - 1):  # block b's pieces are exactly the non-empty ones starting in it
+        starting = [j for j, (lo, hi, _, _) in enumerate(pieces.tolist()) if b * bm <= lo < (b + 1) * bm and hi > lo]
+        assert all(blk[b] <= j < blk[b + 1] for j in starting)
+        assert all(pieces[j, 0] >= b * bm for j in range(blk[b], blk[b + 1]))
+
+
+def test_every_tile_config_has_a_routing_table():
+    from lorafusion_compiler.codegen.autotune import _configs
+
+    for kernel in ("shrink", "base_expand", "ds_db", "da", "dx"):
+        for rb in (16, 32, 64, 128, 256):
+            assert {c["BLOCK_M"] for c in _configs(kernel, rb)} <= set(ROUTING_BLOCK_MS), (kernel, rb)
+
+
+def test_packed_routing_fake_size_and_bad_inputs():
+    """multi_routing's fake (meta) result has the real size; unpacking names a wrong block or size."""
+    rows = torch.tensor([[5, 0], [3, 40], [43, 1], [100, 60]], dtype=torch.int64)
+    x = torch.empty(2, 85, 7)  # 170 rows: only the shape is read
+    packed = multi_routing(rows, x)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = multi_routing(mode.from_tensor(rows), mode.from_tensor(x))
+    assert fake.shape == packed.shape and packed.dtype == fake.dtype == torch.int32
+    with pytest.raises(ValueError, match="BLOCK_M=48"):
+        unpack_routing(packed, 170, 4, 48)
+    with pytest.raises(ValueError, match="for 200 rows and 4 adapters"):
+        unpack_routing(packed, 200, 4, 32)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
@@ -145,21 +183,25 @@ def test_op_triton_matches_torch(p, device):
     x, w, b, la, lb, scales, ps, rows, _, dy = _problem(m, k, n, ranks, starts, counts, (p, 0.0, p), torch.float32,
                                                       bias=True, seed=3)
     results = []
-    for kernels in ("torch", "triton"):
+    # the fused kernels with their own tables and with the packed tables of multi_routing
+    for kernels, packed in (("torch", False), ("triton", False), ("triton", True)):
         xs = x.to(device).requires_grad_()
         las = [a.to(device).requires_grad_() for a in la]
         lbs = [t.to(device).requires_grad_() for t in lb]
+        routing = multi_routing(rows, xs) if packed else None
         torch.manual_seed(11)  # same seeds drawn inside the op -> same masks
         y, _, seeds = multi_lora_linear(xs, w.to(device), b.to(device), las, lbs, scales, ps, rows.to(device),
-                                        torch.float32, kernels, False)
+                                        torch.float32, kernels, False, routing)
         (y * dy.to(device)).sum().backward()
         results.append((y.detach().cpu(), xs.grad.cpu(), [a.grad.cpu() for a in las], [t.grad.cpu() for t in lbs], seeds.cpu()))
-    (y0, dx0, da0, db0, s0), (y1, dx1, da1, db1, s1) = results
-    if p:  # with p == 0 the op leaves the (unused) seeds uninitialised
-        assert torch.equal(s0, s1)
-    assert _rel(y1, y0.double()) <= 1e-5 and _rel(dx1, dx0.double()) <= 1e-5
-    for p_, q in zip(da1 + db1, da0 + db0):
-        assert _rel(p_, q.double()) <= 1e-5
+    (y0, dx0, da0, db0, s0), *fused = results
+    for y1, dx1, da1, db1, s1 in fused:
+        if p:  # with p == 0 the op leaves the (unused) seeds uninitialised
+            assert torch.equal(s0, s1)
+        assert _rel(y1, y0.double()) <= 1e-5 and _rel(dx1, dx0.double()) <= 1e-5
+        for p_, q in zip(da1 + db1, da0 + db0):
+            assert _rel(p_, q.double()) <= 1e-5
+    assert torch.equal(fused[0][0], fused[1][0]) and torch.equal(fused[0][1], fused[1][1])  # same tables, same kernels
 
 
 def test_many_adapters_shuffled_ranges(device):
@@ -180,7 +222,7 @@ def test_many_adapters_shuffled_ranges(device):
     dev = lambda t: t.to(device)
     la_d, lb_d = [dev(a) for a in la], [dev(t) for t in lb]
     y, s_act = K.multi_forward(dev(x), dev(w), dev(b), la_d, lb_d, scales, ps, dev(rows), dev(seeds), torch.float32)
-    d_x, d_a, d_b = K.multi_backward(dev(dy), dev(x), dev(w), la_d, lb_d, s_act, dev(seeds), dev(rows), scales, ps, True)
+    d_x, d_a, d_b = multi_backward(dev(dy), dev(x), dev(w), la_d, lb_d, s_act, dev(seeds), dev(rows), scales, ps, True)
     yr, _, dxr, dar, dbr = reference(x, w, b, la, lb, scales, ps, rows, seeds, dy)
     assert _rel(y.cpu(), yr) <= 1e-5 and _rel(d_x.cpu(), dxr) <= 1e-5
     for i in range(n):
@@ -199,3 +241,37 @@ def test_multi_launchers_import_in_either_order():
             "assert k.multi_forward is m.multi_forward and k.multi_backward is m.multi_backward")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_compiled_model_builds_routing_once_and_matches_eager():
+    """backend kernels="triton": every multi-adapter site reads one shared multi_routing node."""
+    import torch.nn.functional as F
+
+    from lorafusion_compiler.backend import lorafusion_backend
+    from lorafusion_compiler.runtime import AdapterBatch, MultiAdapterModel
+    from helpers import peft_with_adapters
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        compiled = lorafusion_backend(gm, example_inputs, options={"kernels": "triton", "inner_backend": "eager"})
+        graphs.append(gm)
+        return compiled
+
+    names = ["a", "b", "c"]
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(3))
+    batch = AdapterBatch.from_sequence_adapters([0, 1, 2], seq_len=16, num_adapters=3)
+    eager, fused = MultiAdapterModel(peft_with_adapters(names)), MultiAdapterModel(peft_with_adapters(names))
+    losses = []
+    for model in (eager, torch.compile(fused, backend=backend)):
+        logits = model(batch, input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        loss.backward()
+        losses.append(loss.detach())
+    targets = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.lorafusion.multi_routing.default) == 1
+    assert targets.count(torch.ops.lorafusion.multi_lora_linear.default) == 6  # 2 layers x 3 targets
+    assert _rel(losses[1], losses[0].double()) <= 1e-5
+    for name in names:
+        for k, (g, w) in enumerate(zip(fused.adapter_parameters(name), eager.adapter_parameters(name))):
+            assert _rel(g.grad, w.grad.double()) <= 1e-4, (name, k)

@@ -4,29 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_rel_close
+from helpers import ADAPTERS, assert_rel_close, peft_with_adapters
 from lorafusion_compiler.ops.multi_lora_linear import multi_lora_linear
 from lorafusion_compiler.ops import keep_mask
-from lorafusion_compiler.product.tiny_llama import build_tiny_llama
 from lorafusion_compiler.runtime import AdapterBatch, MultiAdapterModel
-
-ADAPTERS = {"a": dict(r=4, lora_alpha=8), "b": dict(r=8, lora_alpha=8), "c": dict(r=3, lora_alpha=6), "unused": dict(r=2, lora_alpha=2)}
-
-
-def _peft_with_adapters(names):
-    from peft import LoraConfig, get_peft_model
-
-    targets = ["q_proj", "v_proj", "down_proj"]
-    first, *rest = names
-    model = get_peft_model(build_tiny_llama(seed=1), LoraConfig(target_modules=targets, **ADAPTERS[first]), adapter_name=first)
-    for name in rest:
-        model.add_adapter(name, LoraConfig(target_modules=targets, **ADAPTERS[name]))
-    g = torch.Generator().manual_seed(5)
-    for pname, param in model.named_parameters():
-        if "lora_" in pname:  # A and B from one generator: every copy of the model is identical
-            param.data = torch.randn(param.shape, generator=g) * 0.05
-    return model
-
 
 def _sum_loss(logits, ids):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
@@ -36,14 +17,14 @@ def test_each_adapter_grad_equals_training_it_alone():
     names = list(ADAPTERS)
     seq_adapter = [0, 0, 1, 2, 2, 2]  # adapter "unused" has no rows
     ids = torch.randint(0, 256, (len(seq_adapter), 16), generator=torch.Generator().manual_seed(2))
-    multi = MultiAdapterModel(_peft_with_adapters(names))
+    multi = MultiAdapterModel(peft_with_adapters(names))
     batch = AdapterBatch.from_sequence_adapters(seq_adapter, seq_len=16, num_adapters=len(names))
     _sum_loss(multi(batch, input_ids=ids).logits, ids).backward()
     got = {n: [p.grad.clone() for p in multi.adapter_parameters(n)] for n in names}
 
     assert all(g.abs().sum() == 0 for g in got["unused"])
     for i, name in enumerate(names[:3]):
-        alone = _peft_with_adapters(names)
+        alone = peft_with_adapters(names)
         alone.base_model.set_adapter(name)
         rows = [b for b, a in enumerate(seq_adapter) if a == i]
         _sum_loss(alone(input_ids=ids[rows]).logits, ids[rows]).backward()
@@ -57,8 +38,8 @@ def test_compiled_multi_adapter_matches_eager():
     names = list(ADAPTERS)
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
     batch = AdapterBatch.from_sequence_adapters([0, 1, 1, 2], seq_len=16, num_adapters=4)
-    eager = MultiAdapterModel(_peft_with_adapters(names))
-    compiled_model = MultiAdapterModel(_peft_with_adapters(names))
+    eager = MultiAdapterModel(peft_with_adapters(names))
+    compiled_model = MultiAdapterModel(peft_with_adapters(names))
     compiled = torch.compile(compiled_model, backend="lorafusion")
     loss_c = _sum_loss(compiled(batch, input_ids=ids).logits, ids)
     loss_e = _sum_loss(eager(batch, input_ids=ids).logits, ids)
@@ -80,7 +61,7 @@ def test_op_matches_per_adapter_reference_with_dropout(p):
     w = torch.randn(n, k, generator=g, dtype=torch.float64)
     a = [torch.randn(r, k, generator=g, dtype=torch.float64, requires_grad=True) for r in ranks]
     b = [torch.randn(n, r, generator=g, dtype=torch.float64, requires_grad=True) for r in ranks]
-    y, _, seeds = multi_lora_linear(x, w, None, a, b, [0.5, 1.0, 2.0], [p] * 3, batch.adapter_rows, torch.float64, "torch", False)
+    y, _, seeds = multi_lora_linear(x, w, None, a, b, [0.5, 1.0, 2.0], [p] * 3, batch.adapter_rows, torch.float64, "torch", False, None)
     ref = x @ w.t()
     pieces = [ref]
     for i, (start, count) in enumerate(batch.adapter_rows.tolist()):
@@ -115,13 +96,13 @@ def test_bad_routing_is_named(counts, rows_override, message):
     a = [torch.randn(2, 6), torch.randn(3, 6)]
     b = [torch.randn(5, 2), torch.randn(5, 3)]
     with pytest.raises(ValueError, match=message):
-        multi_lora_linear(x, None, None, a, b, [1.0, 1.0], [0.0, 0.0], rows_override, torch.float32, "torch", False)
+        multi_lora_linear(x, None, None, a, b, [1.0, 1.0], [0.0, 0.0], rows_override, torch.float32, "torch", False, None)
 
 
 def test_rank_mismatch_and_unknown_adapter_are_named():
     with pytest.raises(ValueError, match="adapter 1: rank mismatch"):
         multi_lora_linear(torch.randn(4, 6), None, None, [torch.randn(2, 6), torch.randn(3, 6)], [torch.randn(5, 2), torch.randn(5, 2)],
-                          [1.0, 1.0], [0.0, 0.0], torch.tensor([[0, 2], [2, 2]]), torch.float32, "torch", False)
+                          [1.0, 1.0], [0.0, 0.0], torch.tensor([[0, 2], [2, 2]]), torch.float32, "torch", False, None)
     with pytest.raises(ValueError, match="sequence 2 names adapter 7"):
         AdapterBatch.from_sequence_adapters([0, 1, 7], seq_len=4, num_adapters=2)
     with pytest.raises(ValueError, match="grouped by adapter"):
