@@ -62,9 +62,9 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split(blocks: int, other_blocks: int, device: torch.device) -> int:
-    """Power-of-two split of ``blocks`` so that the grid has about 2 programs per SM."""
-    want = cdiv(2 * _num_sms(device), max(other_blocks, 1))
+def _split(blocks: int, other_blocks: int, device: torch.device, *, per_sm: int = 2) -> int:
+    """Power-of-two split of ``blocks`` so that the grid has about ``per_sm`` programs per SM."""
+    want = cdiv(per_sm * _num_sms(device), max(other_blocks, 1))
     return max(1, min(next_pow2(want), next_pow2(blocks)))
 
 

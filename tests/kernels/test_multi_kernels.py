@@ -71,10 +71,12 @@ CASES = [
     (200, 96, 80, (5, 24, 1, 16), (3, 40, 0, 150), (37, 70, 0, 1), (0.25, 0.0, 0.25, 0.25), torch.float16, True, True, 3e-3),
     # every rank and K a multiple of 8: the adapters_aligned specialisation (vector-load hints)
     (200, 96, 80, (8, 24, 16), (3, 40, 150), (37, 70, 50), (0.25, 0.0, 0.25), torch.float32, True, True, 1e-5),
+    # one adapter, one column block: its dA is split over programs that add atomically
+    (150, 64, 40, (24,), (10,), (130,), (0.25,), torch.float32, True, False, 1e-5),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["f32-bias-p", "f32-oddK-p0", "f32-noW-p", "f16-bias-p", "f32-aligned-p"])
+@pytest.mark.parametrize("case", CASES, ids=["f32-bias-p", "f32-oddK-p0", "f32-noW-p", "f16-bias-p", "f32-aligned-p", "f32-one-adapter-split-dA"])
 def test_multi_kernels_match_float64(case, device):
     m, k, n, ranks, starts, counts, ps, dtype, weight, bias, tol = case
     x, w, b, la, lb, scales, ps, rows, seeds, dy = _problem(m, k, n, ranks, starts, counts, ps, dtype, weight=weight, bias=bias)
