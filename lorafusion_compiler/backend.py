@@ -6,7 +6,8 @@ the ``torch_dynamo_backends`` entry point. Per Dynamo graph it:
 1. matches LoRA sites (``passes.lora_pattern``),
 2. rewrites them into ``torch.ops.lorafusion.lora_linear`` (``passes.rewrite``),
 3. reports them (``report``) and optionally dumps kernel sources (``dump``),
-4. hands the rewritten graph to the inner backend (Inductor by default).
+4. hands the rewritten graph to the inner backend (Inductor by default; its on-disk graph
+   cache key includes our op schemas, ``passes.cache_salt``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def lorafusion_backend(
     if config.inner_backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        patches = {"triton.cudagraphs": True} if config.cudagraphs else {}
+        from torch._inductor import config as inductor_config
+
+        from .passes.cache_salt import SchemaSalt
+
+        patches: dict[str, Any] = {"triton.cudagraphs": True} if config.cudagraphs else {}
+        if inductor_config.post_grad_custom_post_pass is None:  # a user's own pass is left in place
+            patches["post_grad_custom_post_pass"] = SchemaSalt()  # cache key follows our op schemas
         return compile_fx(gm, list(example_inputs), config_patches=patches)
     return torch._dynamo.lookup_backend(config.inner_backend)(gm, example_inputs)

@@ -9,6 +9,7 @@ from torch import nn
 
 import lorafusion
 from lorafusion.cli import main
+from lorafusion_compiler.passes.cache_salt import schema_fingerprint
 
 
 class OneLoRA(nn.Module):
@@ -145,7 +146,37 @@ def test_cudagraphs_option_reaches_inductor(graphs, monkeypatch):
     got = adapter_grads(model)
     model.zero_grad(set_to_none=True)
     model(x).sum().backward()
-    assert patches and patches[0] == ({"triton.cudagraphs": True} if graphs else {})  # the backend's call (compile_fx re-enters itself)
+    backend_patches = patches[0]  # the backend's call (compile_fx re-enters itself)
+    assert backend_patches.get("triton.cudagraphs", False) is graphs
+    assert backend_patches["post_grad_custom_post_pass"].uuid() == schema_fingerprint()
     assert got.keys() == adapter_grads(model).keys() and got
     for name, want in adapter_grads(model).items():
         assert_rel_close(got[name], want, 1e-5, f"grad of {name}")
+
+
+def test_inductor_cache_key_follows_our_op_schemas(monkeypatch):
+    """The cache-salt pass hashes every lorafusion:: schema, so a changed schema changes the key."""
+    from lorafusion_compiler.passes.cache_salt import SchemaSalt
+
+    names = {str(s).split("(")[0] for s in torch._C._jit_get_all_schemas() if s.name.startswith("lorafusion::")}
+    assert names == {"lorafusion::lora_linear", "lorafusion::lora_linear_backward", "lorafusion::multi_lora_linear",
+                     "lorafusion::multi_lora_linear_backward", "lorafusion::multi_routing"}
+    before = SchemaSalt().uuid()
+    real = torch._C._jit_get_all_schemas()
+    # the same schemas, except that the multi-adapter backward returns one tensor fewer
+    changed = [_Schema(s.name, str(s).replace("-> (Tensor, Tensor, Tensor)", "-> (Tensor, Tensor)")) for s in real]
+    assert [str(c) for c in changed] != [str(s) for s in real]
+    monkeypatch.setattr(torch._C, "_jit_get_all_schemas", lambda: changed)
+    assert SchemaSalt().uuid() != before
+    monkeypatch.setattr(torch._C, "_jit_get_all_schemas", lambda: real)
+    assert SchemaSalt().uuid() == before
+
+
+class _Schema:
+    """Stand-in for a FunctionSchema: a name and the text str() gives."""
+
+    def __init__(self, name: str, text: str):
+        self.name, self.text = name, text
+
+    def __str__(self) -> str:
+        return self.text
