@@ -232,8 +232,7 @@ def bench(name, counts, ranks, iters, *, profile: bool = False) -> dict:
             t.grad = None
 
     def ours(kernels="triton"):
-        y, _s, _seeds = multi_lora_linear(xs, w, None, las, lbs, scales, ps, rows, OUT_DTYPE, kernels, False,
-                                          routing if kernels == "triton" else None)
+        y, _s, _seeds = multi_lora_linear(xs, w, None, las, lbs, scales, ps, rows, OUT_DTYPE, kernels, False, routing)
         y.backward(dy)
         clear_grads()
 

@@ -44,7 +44,7 @@ def select_multi_kernels(gm: fx.GraphModule, choose: Callable[[torch.Tensor | No
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not op:
             continue
-        args = list(node.args) + [None] * (MULTI_ROUTING_ARG + 1 - len(node.args))
+        args = list(node.args)
         args[MULTI_KERNELS_ARG] = choose(args[0].meta.get("example_value"), args[3][0].meta.get("example_value"))
         rows, m = args[_ROWS_ARG], _row_count(args[0])
         if args[MULTI_KERNELS_ARG] == "triton" and args[MULTI_ROUTING_ARG] is None and m is not None:
