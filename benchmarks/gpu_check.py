@@ -19,6 +19,7 @@ import torch
 from cuda_graph import capture
 from lorafusion_compiler.codegen import kernels as tk
 from lorafusion_compiler.ops import reference as ref
+from lorafusion_compiler.ops.dropout_mask import new_keep_bits
 from lorafusion_compiler.ops.lora_linear import lora_linear
 
 CHECK_SHAPES = [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (8192, 14336, 4096, 16), (8192, 5120, 5120, 16),
@@ -100,6 +101,7 @@ def kernel_times(m=8192, k=4096, n=4096, r=16, p=0.1) -> str:
     seed = torch.tensor(7, device=dev)
     s = tk.shrink(x, a, seed, p)
     ds, _ = tk.ds_db(dy, b, s, 2.0)
+    bits = new_keep_bits(x, p, min(r, 64))  # also timed at r > 64, where the op does not use bits
     fns = {
         "cublas x@W^T": lambda: x @ w.t(),
         "cublas dy@W": lambda: dy @ w,
@@ -108,6 +110,8 @@ def kernel_times(m=8192, k=4096, n=4096, r=16, p=0.1) -> str:
         "ds_db": lambda: tk.ds_db(dy, b, s, 2.0),
         "da": lambda: tk.da(x, ds, seed, p, torch.bfloat16),
         "dx": lambda: tk.dx(dy, w, ds, a, seed, p, torch.bfloat16),
+        **({"da +bits": lambda: tk.da(x, ds, seed, p, torch.bfloat16, keep_bits=bits),  # what the op's backward runs
+            "dx bits": lambda: tk.dx(dy, w, ds, a, seed, p, torch.bfloat16, keep_bits=bits)} if bits is not None else {}),
         "ds_db det": lambda: tk.ds_db(dy, b, s, 2.0, deterministic=True),
         "da det": lambda: tk.da(x, ds, seed, p, torch.bfloat16, deterministic=True),
     }

@@ -62,3 +62,30 @@ def test_p_zero_keeps_everything():
 def test_bad_probability_names_value(p):
     with pytest.raises(ValueError, match=f"p={p!r}"):
         drop_threshold(p)
+
+
+def test_keep_bits_pack_unpack_round_trip():
+    from lorafusion_compiler.ops.dropout_mask import pack_keep_bits, unpack_keep_bits
+
+    mask = keep_mask(torch.tensor(99), 0.4, 7, 24)
+    bits = pack_keep_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (7, 3)
+    assert torch.equal(unpack_keep_bits(bits), mask)
+    # bit i of byte (m, q) is element (m, 8q + i)
+    assert int(bits[2, 1]) == sum(int(mask[2, 8 + i]) << i for i in range(8))
+    with pytest.raises(ValueError, match="K % 8 == 0, got K=10"):
+        pack_keep_bits(torch.ones(2, 10, dtype=torch.bool))
+
+
+def test_reference_da_writes_bits_that_dx_reads():
+    from lorafusion_compiler.ops import reference as ref
+    from lorafusion_compiler.ops.dropout_mask import new_keep_bits
+
+    g = torch.Generator().manual_seed(0)
+    x, ds, dy = torch.randn(9, 16, generator=g), torch.randn(9, 3, generator=g), torch.randn(9, 5, generator=g)
+    a, w, seed = torch.randn(3, 16, generator=g), torch.randn(5, 16, generator=g), torch.tensor(7)
+    bits = new_keep_bits(x, 0.25, 3)
+    da = ref.da(x, ds, seed, 0.25, torch.float32, keep_bits=bits)
+    assert torch.equal(da, ref.da(x, ds, seed, 0.25, torch.float32))
+    assert torch.equal(ref.dx(dy, w, ds, a, seed, 0.25, torch.float32, keep_bits=bits),
+                       ref.dx(dy, w, ds, a, seed, 0.25, torch.float32))

@@ -143,6 +143,19 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) 
     return out if out.dtype == lora_a.dtype else out.to(lora_a.dtype)
 
 
+def _check_bits(keep_bits: torch.Tensor | None, m: int, k: int, p: float, device: torch.device) -> None:
+    """Validate a keep-bits buffer (``dropout_mask.new_keep_bits``) for an [m, k] mask of dropout p."""
+    if keep_bits is None:
+        return
+    if p == 0.0 or k % 8:
+        raise ValueError(f"keep_bits given with p={p}, K={k}: bits exist only for p != 0 and K % 8 == 0 (pass None)")
+    if keep_bits.dtype != torch.uint8 or tuple(keep_bits.shape) != (m, k // 8) or not keep_bits.is_contiguous():
+        raise ValueError(f"keep_bits must be a contiguous uint8 [{m}, {k // 8}] tensor, got {keep_bits.dtype} "
+                         f"{tuple(keep_bits.shape)}")
+    if keep_bits.device != device:
+        raise ValueError(f"keep_bits is on {keep_bits.device}, expected {device}")
+
+
 def _tma_ok(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether the GEMM operands can be read through TMA descriptors (Hopper+, 16-byte aligned rows)."""
     if weight is None or interpreting() or not x.is_cuda or _TensorDescriptor is None:
@@ -162,7 +175,7 @@ H100, 8192x4096x4096, r=64 (graphed ms): base_expand 0.406 at 16, 0.390 at 64; d
 def _lowrank_gemm(
     kernel_name: str, fields: dict, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     low_l: torch.Tensor, low_r: torch.Tensor | None, lscale: float, seed: torch.Tensor, threshold: int, out: torch.Tensor,
-    *, route: Callable[[TileConfig], tuple] | None = None,
+    *, route: Callable[[TileConfig], tuple] | None = None, bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[M,P] = x[M,Q] Wm[Q,P] (+ bias) + epi(low_l[M,R] low_r[R,P]); see lowrank_gemm.py.jinja.
 
@@ -170,6 +183,7 @@ def _lowrank_gemm(
     (``fields["multi"]``): ``low_r``, ``lscale`` and ``threshold`` come per row piece from the
     adapter tables, ``seed`` holds one seed per adapter, and ``route(cfg)`` returns the routing
     arguments (piece table, block index, int64 and fp32 adapter tables) for that tile config.
+    ``bits``: dx's keep bits (``fields["keep_bits"]``).
     """
     tma = _tma_ok(x, weight)
     kernel, key, rb = _prepare(kernel_name, **fields, tma=tma)
@@ -191,7 +205,8 @@ def _lowrank_gemm(
             w_block = [cfg["BLOCK_P"], cfg["BLOCK_Q"]] if kernel_name == "base_expand" else [cfg["BLOCK_Q"], cfg["BLOCK_P"]]
             wa = _TensorDescriptor.from_tensor(weight, w_block)
         _launch(kernel, grid,
-                (xa, wa, bias_, low_l, low_l if multi else low_r, out, seed, m, p, q, r, lscale, threshold,
+                (xa, wa, bias_, low_l, low_l if multi else low_r, out, seed, bits if bits is not None else out,
+                 m, p, q, r, lscale, threshold,
                  *x.stride(), *wm.stride(), *low_l.stride(), *low_r_strides, *out.stride(),
                  *(route(cfg) if multi else ())),
                 cfg, BLOCK_R=block_r)
@@ -264,20 +279,23 @@ def ds_db(
 
 
 def da(
-    x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *, deterministic: bool = False
+    x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *, deterministic: bool = False,
+    keep_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dA = dSᵀ x̃: dS [M,r], x [M,K] -> [r,K] in ``a_dtype``, the mask regenerated from ``seed``.
 
-    ``deterministic``: per-split workspace slots summed in a fixed order instead of atomics.
+    ``deterministic``: per-split workspace slots summed in a fixed order instead of atomics;
+    ``keep_bits`` (``dropout_mask.new_keep_bits``): the mask is also stored there, for ``dx``.
     """
     _check("x", x, (None, None), x.device)
     m, k = x.shape
     _check("ds", ds, (m, None), x.device)
     r = ds.shape[1]
     threshold, inv_keep = _dropout_args(seed, p, x.device)
+    _check_bits(keep_bits, m, k, p, x.device)
     kernel, key, rb = _prepare("da", dtype=_dtype_name("x", x), adapter_dtype=_DTYPE_NAMES.get(a_dtype, "float32"),
                                dropout=p != 0.0, rank_bucket=rank_bucket(r), aligned8=k % 8 == 0,
-                               deterministic=deterministic)
+                               deterministic=deterministic, keep_bits=keep_bits is not None)
     dev = x.device
 
     def launch(cfg: TileConfig) -> torch.Tensor:
@@ -290,7 +308,8 @@ def da(
         else:
             out = torch.zeros(1, r, k, dtype=torch.float32, device=dev)
         _launch(kernel, (k_blocks, m_split),
-                (x, ds, seed, out, m, k, r, threshold, inv_keep, r * k, *x.stride(), *ds.stride(), k, 1),
+                (x, ds, seed, out, keep_bits if keep_bits is not None else out, m, k, r, threshold, inv_keep, r * k,
+                 *x.stride(), *ds.stride(), k, 1),
                 cfg, BLOCK_R=rb, M_SPLIT=m_split)
         return out
 
@@ -301,9 +320,10 @@ def da(
 
 def dx(
     dy: torch.Tensor, weight: torch.Tensor | None, ds: torch.Tensor, lora_a: torch.Tensor,
-    seed: torch.Tensor, p: float, out_dtype: torch.dtype,
+    seed: torch.Tensor, p: float, out_dtype: torch.dtype, *, keep_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dX = dY W + m ⊙ (dS A)/(1-p) -> [M,K] in ``out_dtype``; without W only the LoRA term."""
+    """dX = dY W + m ⊙ (dS A)/(1-p) -> [M,K] in ``out_dtype``; without W only the LoRA term.
+    ``keep_bits``: the mask as ``da`` stored it (else regenerated from ``seed``)."""
     _check("dy", dy, (None, None), dy.device)
     m, n = dy.shape
     _check("ds", ds, (m, None), dy.device)
@@ -313,12 +333,13 @@ def dx(
     if weight is not None:
         _check("weight", weight, (n, k), dy.device)
     threshold, inv_keep = _dropout_args(seed, p, dy.device)
+    _check_bits(keep_bits, m, k, p, dy.device)
     base = weight if weight is not None else dy
     fields = dict(dtype=_dtype_name("weight" if weight is not None else "dy", base),
                   adapter_dtype=_dtype_name("lora_a", lora_a), has_weight=weight is not None,
-                  dropout=p != 0.0, rank_bucket=rank_bucket(r), aligned8=k % 8 == 0)
+                  dropout=p != 0.0, rank_bucket=rank_bucket(r), aligned8=k % 8 == 0, keep_bits=keep_bits is not None)
     out = torch.empty(m, k, dtype=out_dtype, device=dy.device)
-    return _lowrank_gemm("dx", fields, dy, weight, None, ds, lora_a, inv_keep, seed, threshold, out)
+    return _lowrank_gemm("dx", fields, dy, weight, None, ds, lora_a, inv_keep, seed, threshold, out, bits=keep_bits)
 
 
 def __getattr__(name: str):

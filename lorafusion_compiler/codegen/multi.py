@@ -14,18 +14,21 @@ argument) or here on first use (cached). Empty pieces are skipped by the kernels
 
 Per-adapter parameters live in two small device tables (int64: A/B pointers and row strides,
 rank, dropout threshold, dA/dB offsets in the packed gradient buffers; fp32: scale,
-1/(1-p)), cached by value, so a steady-state call copies nothing host-to-device. Piece
+1/(1-p)), cached by value, so a steady-state call copies nothing host-to-device. They are
+allocated by a helper thread: CUDA-graph trees route every allocation of the warming-up or
+recording thread into the graph's memory pool, where a cached tensor counts as a leak. Piece
 tables built here are cached per ``adapter_rows`` tensor (weakly, by identity and version).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import weakref
 
 import torch
 
-from ..ops.dropout_mask import drop_threshold
+from ..ops.dropout_mask import drop_threshold, new_keep_bits
 from ..ops.multi_routing import build_routing, unpack_routing
 from .autotune import TileConfig, cdiv, run_tuned
 from .kernels import (
@@ -68,13 +71,25 @@ def _adapter_tables(lora_a, lora_b, scales, dropout_ps, device):
                      r, drop_threshold(p), oa, ob, 0, 0])
         oa += r * k
         ob += n_out * r
-    itab = torch.tensor(rows, dtype=torch.int64).to(device)
-    ftab = torch.tensor([[float(s), 1.0 / (1.0 - p)] for s, p in zip(scales, dropout_ps)], dtype=torch.float32).to(device)
+    itab = _to_device(torch.tensor(rows, dtype=torch.int64), device)
+    ftab = _to_device(torch.tensor([[float(s), 1.0 / (1.0 - p)] for s, p in zip(scales, dropout_ps)], dtype=torch.float32), device)
     if len(_ADAPTER_TABLES) > 256:
         _ADAPTER_TABLES.clear()
     out = (itab, ftab, da_off + [oa], db_off + [ob])
     _ADAPTER_TABLES[key] = out
     return out
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``table`` copied to ``device`` for the cache; on CUDA by a helper thread (module docstring)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():  # in capture: as any host-to-device copy
+        return table.to(device)
+    return _helper_thread().submit(table.to, device).result()  # synchronous copy: ready when it returns
+
+
+@functools.cache
+def _helper_thread() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafusion-tables")
 
 
 _ROUTING: dict[int, tuple[weakref.ref, dict]] = {}
@@ -137,16 +152,16 @@ def _common(x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds):
     return n, ranks, rs, rank_bucket(rs), adapter_rows, lora_a, lora_b, aligned
 
 
-def _gemm(kernel_name, fields, x, weight, bias, low_l, seeds, out, tables, itab, ftab):
+def _gemm(kernel_name, fields, x, weight, bias, low_l, seeds, out, tables, itab, ftab, bits=None):
     """Multi-adapter base_expand / dx: out = x Wm (+bias) + each row's adapter's low-rank term
-    (the single-adapter launcher with the routing tables as extra arguments)."""
+    (the single-adapter launcher with the routing tables as extra arguments; ``bits``: dx's keep bits)."""
 
     def route(cfg: TileConfig) -> tuple:
         pieces, blk, _spans = tables(cfg["BLOCK_M"])
         return pieces, blk, itab, ftab
 
-    return _lowrank_gemm(kernel_name, {**fields, "multi": True}, x, weight, bias, low_l, None, 1.0, seeds, 0, out,
-                         route=route)
+    return _lowrank_gemm(kernel_name, {**fields, "multi": True, "keep_bits": bits is not None}, x, weight, bias, low_l, None,
+                         1.0, seeds, 0, out, route=route, bits=bits)
 
 
 def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds, out_dtype,
@@ -234,10 +249,12 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
         red = (onehot @ d_b.view(d_b.shape[0], -1).to(torch.float64)).view(n, n_out, rs)  # exact: no TF32
         d_b = torch.cat([red[i, :, : ranks[i]].reshape(-1) for i in range(n)]).to(torch.float32)
 
-    # dA
+    # dA (with dX to follow: also the keep bits of the adapters' rows, read by dX instead of regenerating
+    # the masks; rows of no adapter keep undefined bits, their low-rank term is zero)
+    bits = new_keep_bits(x2, max(dropout_ps), max(ranks)) if needs_dx else None
     kernel, key, _ = _prepare("da", dtype=_dtype_name("x", x2), adapter_dtype=_DTYPE_NAMES.get(a_dtype, "float32"),
                               dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0, deterministic=deterministic,
-                              multi=True)
+                              multi=True, keep_bits=bits is not None)
 
     def launch_da(cfg: TileConfig) -> torch.Tensor:
         pieces, _blk, spans = tables(cfg["BLOCK_M"])
@@ -248,7 +265,7 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
         split = 1 if deterministic else _split(cdiv(m, cfg["BLOCK_M"]), k_blocks * n, dev, per_sm=4)
         out = torch.zeros(da_off[-1], dtype=torch.float32, device=dev)
         _launch(kernel, (k_blocks, n, split),
-                (x2, d_s, seeds, out, m, k, 0, 0, 1.0, 0, *x2.stride(), *d_s.stride(), k, 1,
+                (x2, d_s, seeds, out, bits if bits is not None else out, m, k, 0, 0, 1.0, 0, *x2.stride(), *d_s.stride(), k, 1,
                  pieces, spans, itab, ftab),
                 cfg, BLOCK_R=rb, M_SPLIT=split)
         return out
@@ -262,6 +279,6 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
                       adapter_dtype=_dtype_name("lora_a", lora_a[0]), has_weight=weight is not None,
                       dropout=dropout, rank_bucket=rb, aligned8=k % 8 == 0, adapters_aligned=aligned)
         d_x = torch.empty(m, k, dtype=x2.dtype, device=dev)
-        d_x = _gemm("dx", fields, dy2, weight, None, d_s, seeds, d_x, tables, itab, ftab)
+        d_x = _gemm("dx", fields, dy2, weight, None, d_s, seeds, d_x, tables, itab, ftab, bits=bits)
 
     return d_x, d_a, d_b

@@ -27,8 +27,9 @@ _USES = {
     "shrink": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "multi", "adapters_aligned"),
     "base_expand": ("dtype", "adapter_dtype", "has_weight", "has_bias", "rank_bucket", "tma", "multi", "adapters_aligned"),
     "ds_db": ("dtype", "adapter_dtype", "rank_bucket", "deterministic", "multi", "adapters_aligned"),
-    "da": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "deterministic", "multi"),
-    "dx": ("dtype", "adapter_dtype", "has_weight", "dropout", "rank_bucket", "aligned8", "tma", "multi", "adapters_aligned"),
+    "da": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "deterministic", "multi", "keep_bits"),
+    "dx": ("dtype", "adapter_dtype", "has_weight", "dropout", "rank_bucket", "aligned8", "tma", "multi", "adapters_aligned",
+           "keep_bits"),
 }
 
 
@@ -66,6 +67,9 @@ class KernelSpec:
     multi: bool = False
     """Multi-adapter: each row piece reads its adapter (A/B pointers and strides, rank, scale,
     threshold, 1/(1-p), seed) from device tables instead of the scalar arguments."""
+    keep_bits: bool = False
+    """dA stores the keep-mask it regenerates as bits (uint8 [M, K/8]) and dX reads them instead of
+    regenerating the mask (needs dropout and aligned8; ``ops.dropout_mask.new_keep_bits``)."""
     adapters_aligned: bool = False
     """Multi only: every A and B starts at a 16-byte-aligned address and its rows hold a multiple
     of 8 elements (K % 8 == 0, every rank % 8 == 0), so the kernels may issue 16-byte vector loads
@@ -79,6 +83,8 @@ class KernelSpec:
             raise ValueError(f"KernelSpec.rank_bucket={self.rank_bucket!r}; expected one of {_RANK_BUCKETS}")
         if self.adapters_aligned and not self.multi:
             raise ValueError("KernelSpec.adapters_aligned=True needs multi=True")
+        if self.keep_bits and not (self.dropout and self.aligned8):
+            raise ValueError("KernelSpec.keep_bits=True needs dropout=True and aligned8=True (K % 8 == 0)")
         if self.has_bias and not self.has_weight:
             raise ValueError("KernelSpec.has_bias=True needs has_weight=True")
 
@@ -90,7 +96,7 @@ class KernelSpec:
             f"{tag}{int(getattr(self, name))}"
             for tag, name in (("w", "has_weight"), ("b", "has_bias"), ("p", "dropout"), ("dx", "needs_dx"),
                               ("a8_", "aligned8"), ("det", "deterministic"), ("tma", "tma"),
-                              ("al", "adapters_aligned"))
+                              ("al", "adapters_aligned"), ("kb", "keep_bits"))
         )
         multi = "-multi" if self.multi else ""
         return f"{short[self.dtype]}-{short[self.adapter_dtype]}-r{self.rank_bucket}-{flags}{multi}"

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .dropout_mask import drop_threshold
+from .dropout_mask import drop_threshold, new_keep_bits
 from .kernel_set import get_kernel_set
 
 __all__ = ["lora_linear", "lora_linear_backward", "check_lora_inputs"]
@@ -115,10 +115,11 @@ def lora_linear_backward(
     dy2 = dy.reshape(-1, dy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     ds, d_b = impl.ds_db(dy2, lora_b, s_act, scale, deterministic=deterministic)
-    d_a = impl.da(x2, ds, seed, dropout_p, lora_a.dtype, deterministic=deterministic)
+    bits = new_keep_bits(x2, dropout_p, lora_a.shape[0]) if needs_dx else None  # dA hands its regenerated mask to dX
+    d_a = impl.da(x2, ds, seed, dropout_p, lora_a.dtype, deterministic=deterministic, keep_bits=bits)
     if not needs_dx:
         return x.new_empty(0), d_a, d_b
-    d_x = impl.dx(dy2, weight, ds, lora_a, seed, dropout_p, x.dtype)
+    d_x = impl.dx(dy2, weight, ds, lora_a, seed, dropout_p, x.dtype, keep_bits=bits)
     return d_x.reshape(x.shape), d_a, d_b
 
 

@@ -14,17 +14,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dropout_mask import keep_mask
+from .dropout_mask import keep_mask, pack_keep_bits, unpack_keep_bits
 
 __all__ = ["dropped_input", "shrink", "base_expand", "ds_db", "da", "dx"]
 
 
-def dropped_input(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """x̃ = m ⊙ x / (1-p) in ``dtype``; ``x`` is [M,K]."""
+def dropped_input(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dtype, *,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x̃ = m ⊙ x / (1-p) in ``dtype``; ``x`` is [M,K]; ``mask``: m if already generated."""
     xd = x.to(dtype)
     if p == 0.0:
         return xd
-    mask = keep_mask(seed, p, xd.shape[0], xd.shape[1], device=xd.device)
+    if mask is None:
+        mask = keep_mask(seed, p, xd.shape[0], xd.shape[1], device=xd.device)
     return xd * mask.to(dtype) * (1.0 / (1.0 - p))
 
 
@@ -61,10 +63,16 @@ def ds_db(
 
 
 def da(
-    x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *, deterministic: bool = False
+    x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *, deterministic: bool = False,
+    keep_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dA = dSᵀ x̃: dS [M,r], x [M,K] -> [r,K] in ``a_dtype`` (``deterministic`` as in ``ds_db``)."""
-    return ds.to(a_dtype).t() @ dropped_input(x, seed, p, a_dtype)
+    """dA = dSᵀ x̃: dS [M,r], x [M,K] -> [r,K] in ``a_dtype`` (``deterministic`` as in ``ds_db``);
+    ``keep_bits`` (``dropout_mask.new_keep_bits``): also written with the keep-mask, for ``dx``."""
+    mask = None
+    if keep_bits is not None:
+        mask = keep_mask(seed, p, x.shape[0], x.shape[1], device=x.device)
+        keep_bits.copy_(pack_keep_bits(mask))
+    return ds.to(a_dtype).t() @ dropped_input(x, seed, p, a_dtype, mask=mask)
 
 
 def dx(
@@ -75,11 +83,17 @@ def dx(
     seed: torch.Tensor,
     p: float,
     out_dtype: torch.dtype,
+    *,
+    keep_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dX = dY W + m ⊙ (dS A)/(1-p) -> [M,K] in ``out_dtype``; without W only the LoRA term."""
+    """dX = dY W + m ⊙ (dS A)/(1-p) -> [M,K] in ``out_dtype``; without W only the LoRA term.
+    ``keep_bits``: the mask as ``da`` wrote it (else regenerated from ``seed``)."""
     lora = ds.to(lora_a.dtype) @ lora_a
     if p != 0.0:
-        mask = keep_mask(seed, p, lora.shape[0], lora.shape[1], device=lora.device)
+        if keep_bits is not None:
+            mask = unpack_keep_bits(keep_bits)
+        else:
+            mask = keep_mask(seed, p, lora.shape[0], lora.shape[1], device=lora.device)
         lora = lora * mask.to(lora.dtype) * (1.0 / (1.0 - p))
     if weight is None:
         return lora.to(out_dtype)

@@ -19,6 +19,11 @@ In-flight microbatches of other jobs hold every adapter's weights saved for thei
 (``multi_lora_linear`` saves all adapters; rows of absent jobs get zero gradients and never
 read those weights), so the optimizers update weights through ``.data`` aliases: their
 in-place writes do not bump the parameters' autograd version counters.
+
+``keep_grads`` (used with CUDA graphs): the gradients a replayed backward graph returns live
+in the graph's memory pool and are overwritten by the next replay, so autograd must not adopt
+them as ``.grad``. Every gradient is then allocated (zeros) up front and zeroed in place after
+its step instead of dropped, so autograd always adds into it in place.
 """
 
 from __future__ import annotations
@@ -57,12 +62,18 @@ class LazySteps:
     """The optimizers of this stage's share of every job, stepped lazily (module docstring).
 
     params: job name -> this stage's trainable parameters of that job (may be empty);
-    group: process group over all stages for the norm all-reduce (None on a single stage).
+    group: process group over all stages for the norm all-reduce (None on a single stage);
+    keep_grads: keep every gradient allocated (module docstring).
     """
 
     def __init__(self, jobs: Sequence[PipelineJob], params: Mapping[str, list[nn.Parameter]], *,
-                 group: dist.ProcessGroup | None, stage: int):
+                 group: dist.ProcessGroup | None, stage: int, keep_grads: bool = False):
         self.params = {job.name: list(params[job.name]) for job in jobs}
+        self.keep_grads = keep_grads
+        if keep_grads:
+            for p in (p for ps in self.params.values() for p in ps):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         self.max_norm = {job.name: job.max_grad_norm for job in jobs}
         self.optimizers: dict[str, torch.optim.AdamW | None] = {
             job.name: torch.optim.AdamW([p.data for p in self.params[job.name]], lr=job.lr, betas=job.betas,
@@ -145,8 +156,12 @@ class LazySteps:
             for alias, p in zip(aliases, params):
                 alias.grad = p.grad
             opt.step()
-            for alias, p in zip(aliases, params):
+            for alias in aliases:
                 alias.grad = None
-                p.grad = None
+            if self.keep_grads:
+                torch._foreach_zero_([p.grad for p in params if p.grad is not None])
+            else:
+                for p in params:
+                    p.grad = None
         self.steps_done[job] += 1
         self.applied.append(step)

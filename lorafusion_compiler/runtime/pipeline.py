@@ -159,6 +159,7 @@ def pipeline(
     window_microbatches: int | None = None,
     max_rounds: int | None = None,
     compile: bool | None = None,
+    cudagraphs: bool | None = None,
     stage_layers: Sequence[int] | None = None,
     schedule_options: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
@@ -178,7 +179,10 @@ def pipeline(
     per pipeline fill/drain (default ``DEFAULT_WINDOW_MICROBATCHES`` with S > 1; with S = 1,
     where nothing fills or drains, one round per window); max_rounds: stop after this many
     rounds in this call (resume later); compile: ``torch.compile`` the stage with
-    ``backend="lorafusion"`` (default: on CUDA only); stage_layers: decoder layers per stage
+    ``backend="lorafusion"`` (default: on CUDA only); cudagraphs: record the compiled stage's
+    forward and backward as CUDA graphs and replay them (the backend option ``cudagraphs``;
+    removes the host cost of every kernel launch); default: on when the stage is compiled on
+    CUDA with one stage; needs CUDA, compilation and S = 1 (ValueError otherwise); stage_layers: decoder layers per stage
     (default: balanced by estimated cost); schedule_options: passed to the scheduler
     (``time_limit_s``, ``seed``, ``solver``); timeout_s: collective timeout (seconds);
     seed: the forward of plan microbatch ``p`` runs with the torch RNG seeded from (seed, p)
@@ -206,16 +210,32 @@ def pipeline(
     info = init_distributed(timeout_s=timeout_s, device=device)
     if window_microbatches is not None and window_microbatches < info.world_size:
         raise ValueError(f"window_microbatches={window_microbatches} is below the {info.world_size} pipeline stages; 1F1B needs >= {info.world_size}")
+    compile = compile if compile is not None else info.device.type == "cuda"
+    cudagraphs = _check_cudagraphs(cudagraphs, compile=compile, info=info)
     devices = [info.device] if info.device.type == "cuda" else []
     with FailureWatch(info, grace_s=failure_grace_s), torch.random.fork_rng(devices=devices):
         return _train(base_model, jobs, info, out=out, resume=resume, capacity=capacity, pad_multiple=pad_multiple,
                       checkpoint_every=checkpoint_every, window_microbatches=window_microbatches, max_rounds=max_rounds,
-                      compile=compile, stage_layers=stage_layers, schedule_options=dict(schedule_options or {}),
+                      compile=compile, cudagraphs=cudagraphs, stage_layers=stage_layers, schedule_options=dict(schedule_options or {}),
                       progress=progress, seed=seed, timeout_s=timeout_s, fail_at_round=fail_at_round or {})
 
 
+def _check_cudagraphs(cudagraphs: bool | None, *, compile: bool, info: DistInfo) -> bool:
+    """Resolve ``pipeline``'s ``cudagraphs`` (None: on wherever it is supported)."""
+    supported = compile and info.device.type == "cuda" and info.world_size == 1
+    if cudagraphs is None:
+        return supported
+    if not isinstance(cudagraphs, bool):
+        raise ValueError(f"cudagraphs={cudagraphs!r} must be a bool or None")
+    if cudagraphs and not supported:
+        raise ValueError(
+            f"cudagraphs=True needs a compiled stage on CUDA and one stage; got compile={compile}, device={info.device}, "
+            f"{info.world_size} stages (CUDA graphs are not supported inside multi-stage 1F1B yet): pass cudagraphs=False")
+    return cudagraphs
+
+
 def _build_stage(base_model: nn.Module, jobs: Sequence[PipelineJob], info: DistInfo, stage_layers: Sequence[int] | None,
-                 compile: bool | None) -> tuple[nn.Module, DecoderParts, StageModule, list[tuple[int, int]]]:
+                 compile: bool, cudagraphs: bool) -> tuple[nn.Module, DecoderParts, StageModule, list[tuple[int, int]]]:
     """PEFT-wrap ``base_model`` and cut this rank's stage; returns (peft model, its parts, stage module, layer ranges)."""
     S = info.world_size
     peft_model, _ = build_multi_adapter_model(base_model, jobs)
@@ -232,22 +252,22 @@ def _build_stage(base_model: nn.Module, jobs: Sequence[PipelineJob], info: DistI
         tail = float(sum(p.numel() for p in parts.lm_head.parameters()))
         bounds = balance_stages(layer_costs(parts), S, tail_cost=tail)
     module = StageModule(parts, *bounds[info.rank], first=info.rank == 0, last=info.rank == S - 1).to(info.device)
-    if compile if compile is not None else info.device.type == "cuda":
-        module.compile_compute(backend="lorafusion")
+    if compile:
+        module.compile_compute(backend="lorafusion", options={"cudagraphs": cudagraphs})
     return peft_model, parts, module, bounds
 
 
 def _train(base_model, jobs, info: DistInfo, *, out, resume, capacity, pad_multiple, checkpoint_every, window_microbatches,
-           max_rounds, compile, stage_layers, schedule_options, progress, seed, timeout_s, fail_at_round) -> PipelineResult:
+           max_rounds, compile, cudagraphs, stage_layers, schedule_options, progress, seed, timeout_s, fail_at_round) -> PipelineResult:
     S, stage, device = info.world_size, info.rank, info.device
     rounds = plan_rounds(_plan(jobs, info, out, resume, capacity, pad_multiple, schedule_options))
-    peft_model, parts, module, bounds = _build_stage(base_model, jobs, info, stage_layers, compile)
+    peft_model, parts, module, bounds = _build_stage(base_model, jobs, info, stage_layers, compile, cudagraphs)
     owned_ids = {id(p) for p in module.parameters()}
     named = dict(peft_model.named_parameters())
     params = {job.name: [p for n, p in named.items() if id(p) in owned_ids and f".{job.name}." in n and "lora_" in n] for job in jobs}
     # norms are all-reduced on their own (gloo, host) group: the default group carries only P2P traffic
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if info.active else None
-    steps = LazySteps(jobs, params, group=group, stage=stage)
+    steps = LazySteps(jobs, params, group=group, stage=stage, keep_grads=cudagraphs)
     start_round = 0
     if resume and read_state(out) is not None:
         state = load_checkpoint(out, peft_model=peft_model, optimizers=steps.optimizers, stage=stage, device=device)

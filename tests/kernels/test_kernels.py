@@ -89,6 +89,41 @@ def test_mask_matches_keep_mask_bitwise(k, device):
     assert abs(keep - (1 - p)) < 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("m, k, r", [(45, 64, 5), (33, 72, 24)])
+def test_da_hands_the_mask_to_dx_as_bits(m, k, r, dtype, device):
+    """da(keep_bits=...) stores exactly the packed keep-mask (every row and column written), and
+    dx reading those bits gives what dx regenerating the mask gives."""
+    from lorafusion_compiler.ops.dropout_mask import new_keep_bits, pack_keep_bits
+
+    p = 0.3
+    t = make(m, k, 30, r, dtype, device, bias=False)
+    ds = torch.randn(m, r, device=device)
+    bits = new_keep_bits(t["x"], p, r)
+    bits.fill_(0xA5)  # a pattern no correct kernel leaves behind
+    da = tk.da(t["x"], ds, t["seed"], p, t["a"].dtype, keep_bits=bits)
+    assert torch.equal(bits.cpu(), pack_keep_bits(keep_mask(t["seed"].cpu(), p, m, k)))
+    assert torch.equal(da, tk.da(t["x"], ds, t["seed"], p, t["a"].dtype))
+    dx_bits = tk.dx(t["dy"], t["w"], ds, t["a"], t["seed"], p, dtype, keep_bits=bits)
+    dx_ref = ref.dx(t["dy"].double(), t["w"].double(), ds.double(), t["a"].double(), t["seed"], p, torch.float64)
+    assert rel(dx_bits, dx_ref) <= TOL[dtype]
+    assert torch.equal(dx_bits, tk.dx(t["dy"], t["w"], ds, t["a"], t["seed"], p, dtype))
+
+
+def test_keep_bits_bad_buffers_raise(device):
+    from lorafusion_compiler.ops.dropout_mask import new_keep_bits
+
+    t = make(8, 32, 8, 4, torch.float32, device)
+    ds = torch.zeros(8, 4, device=device)
+    assert new_keep_bits(t["x"], 0.0, 4) is None and new_keep_bits(t["x"][:, :30], 0.1, 4) is None
+    assert new_keep_bits(t["x"], 0.1, 65) is None and new_keep_bits(t["x"], 0.1, 64).shape == (8, 4)
+    with pytest.raises(ValueError, match="bits exist only for p != 0"):
+        tk.da(t["x"], ds, t["seed"], 0.0, torch.float32, keep_bits=torch.empty(8, 4, dtype=torch.uint8, device=device))
+    with pytest.raises(ValueError, match=r"contiguous uint8 \[8, 4\]"):
+        tk.dx(t["dy"], t["w"], ds, t["a"], t["seed"], 0.1, torch.float32,
+              keep_bits=torch.empty(8, 5, dtype=torch.uint8, device=device))
+
+
 def test_deterministic_is_bitwise_reproducible(device):
     t = make(70, 64, 90, 24, torch.float32, device)
     s = tk.shrink(t["x"], t["a"], t["seed"], 0.1)
@@ -172,5 +207,10 @@ def test_kernel_sources_and_spec_key():
     for name in ("shrink", "base_expand", "ds_db", "dx"):  # the kernels that read adapter tiles
         assert "tl.multiple_of(" in aligned[name] and "tl.multiple_of(" not in plain[name]
     assert aligned["da"] == plain["da"]  # da reads no adapter matrix: not specialised on it
+    with pytest.raises(ValueError, match="keep_bits=True needs dropout=True and aligned8=True"):
+        KernelSpec(keep_bits=True, dropout=True, aligned8=False)
+    bits = kernel_sources(KernelSpec(dropout=True, keep_bits=True))
+    assert "_lanes_to_bits(" in bits["da"] and "_bits_to_mask(" in bits["dx"] and "_keep_mask(" not in bits["dx"].split("def dx_kernel")[1]
+    assert bits["shrink"] == kernel_sources(KernelSpec(dropout=True))["shrink"]  # only da and dx depend on it
     with pytest.raises(ValueError, match="adapters_aligned=True needs multi=True"):
         KernelSpec(adapters_aligned=True)

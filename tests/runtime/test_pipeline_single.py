@@ -102,6 +102,38 @@ def test_single_stage_matches_training_each_job_alone(tmp_path):
     assert all(r["wall_s"] >= r["busy_s"] for r in stage_records)
 
 
+def test_kept_gradients_train_the_same_adapters(monkeypatch):
+    """LazySteps(keep_grads=True) — what CUDA graphs use: gradients allocated up front, added
+    into in place and zeroed after each step — trains exactly what the default path trains."""
+    import importlib
+
+    from lorafusion_compiler.runtime.lazy_step import LazySteps
+
+    pipeline_module = importlib.import_module("lorafusion_compiler.runtime.pipeline")  # the package exports the function
+
+    kept = []
+
+    class KeptSteps(LazySteps):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "keep_grads": True})
+            kept.append(self)
+
+    def run():
+        return pipeline(build_tiny_llama(TINY, seed=0), make_jobs(3), capacity=CAPACITY, pad_multiple=PAD,
+                        schedule_options=GREEDY, progress=False)
+
+    plain = run()
+    monkeypatch.setattr(pipeline_module, "LazySteps", KeptSteps)
+    with_kept = run()
+    assert len(kept) == 1
+    params = [p for ps in kept[0].params.values() for p in ps]
+    assert params and all(p.grad is not None and not p.grad.any() for p in params)  # allocated, zeroed by the last step
+    assert with_kept.losses == plain.losses
+    for job in make_jobs(3):
+        a, b = adapter_state(plain.model, job.name), adapter_state(with_kept.model, job.name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_single_stage_windows_do_not_change_the_result():
     """Rounds grouped into windows (lazy steps mid-window) or cut inside == one round per window, bitwise."""
     def run(**kwargs):
@@ -164,6 +196,10 @@ def test_pipeline_rejects_bad_settings(tmp_path):
         pipeline(build_tiny_llama(TINY), jobs, window_microbatches=0, progress=False)
     with pytest.raises(ValueError, match="checkpoint_every=True must be a positive integer or None"):
         pipeline(build_tiny_llama(TINY), jobs, checkpoint_every=True, progress=False)
+    with pytest.raises(ValueError, match="cudagraphs=True needs a compiled stage on CUDA"):
+        pipeline(build_tiny_llama(TINY), jobs, cudagraphs=True, compile=False, progress=False)
+    with pytest.raises(ValueError, match="cudagraphs='yes' must be a bool or None"):
+        pipeline(build_tiny_llama(TINY), jobs, cudagraphs="yes", progress=False)
     other = PipelineJob(name="other", samples=[torch.arange(5)], global_batch_size=1, target_modules=("q_proj",))
     with pytest.raises(ValueError, match="must wrap the same modules"):
         pipeline(build_tiny_llama(TINY), [jobs[0], other], progress=False)
