@@ -9,8 +9,8 @@ argument) or here on first use (cached). Empty pieces are skipped by the kernels
 * shrink / ds_db: one program per piece (pieces of no adapter exit at once);
 * base_expand / dx: regular BLOCK_M row blocks (the base GEMM is never split); the pieces
   of a row block (found through a per-block index) add their own rows' low-rank terms;
-* da: one program per (column block, adapter, split) sums a strided share of that adapter's
-  pieces (contiguous in the table) into the adapter's block of a packed buffer.
+* da: the piece table is cut into chunks of equal piece counts; one program per (column block,
+  adapter run inside a chunk) sums the run into the adapter's block of a packed buffer.
 
 Per-adapter parameters live in two small device tables (int64: A/B pointers and row strides,
 rank, dropout threshold, dA/dB offsets in the packed gradient buffers; fp32: scale,
@@ -258,16 +258,19 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
 
     def launch_da(cfg: TileConfig) -> torch.Tensor:
         pieces, _blk, spans = tables(cfg["BLOCK_M"])
+        t = pieces.shape[0]
         k_blocks = cdiv(k, cfg["BLOCK_K"])
-        # one program per (column block, adapter, split); the splits of an adapter add atomically.
-        # ~4 programs per SM: adapters differ in size, smaller programs even out the tail (H100,
-        # 4 adapters: 95 -> 86 us vs 2 per SM; 8 per SM: 123 us)
-        split = 1 if deterministic else _split(cdiv(m, cfg["BLOCK_M"]), k_blocks * n, dev, per_sm=4)
+        # chunks of equal piece counts (~2 programs with work per SM, as the single-adapter
+        # kernel's split), unless the adapters alone give that many programs: then one chunk, one
+        # program per adapter and plain stores (no atomics; always in deterministic mode)
+        want = _split(t, k_blocks, dev)
+        chunk = t if deterministic or n >= want else cdiv(t, want)
+        chunks = cdiv(t, chunk)
         out = torch.zeros(da_off[-1], dtype=torch.float32, device=dev)
-        _launch(kernel, (k_blocks, n, split),
-                (x2, d_s, seeds, out, bits if bits is not None else out, m, k, 0, 0, 1.0, 0, *x2.stride(), *d_s.stride(), k, 1,
-                 pieces, spans, itab, ftab),
-                cfg, BLOCK_R=rb, M_SPLIT=split)
+        _launch(kernel, (k_blocks, chunks, chunk),
+                (x2, d_s, seeds, out, bits if bits is not None else out, m, k, 0, 0, 1.0, 0, *x2.stride(), *d_s.stride(),
+                 k, 1, pieces, spans, itab, ftab, t, chunk),
+                cfg, BLOCK_R=rb, M_SPLIT=chunks)
         return out
 
     d_a = run_tuned("da", key, (m, k, rs, n), rb, launch_da)

@@ -106,6 +106,25 @@ def test_multi_kernels_match_float64(case, device):
             assert _rel(d_b[i].cpu(), dbr[i]) <= tol, f"dB {i}"
 
 
+@pytest.mark.parametrize("split", [1, 5, 1000])  # one chunk; chunks of t/5 pieces; one piece each
+def test_multi_da_chunks_of_any_size(split, device, monkeypatch):
+    """dA with the piece table cut into chunks of every size (one piece per chunk .. one chunk):
+    runs of an adapter cut at chunk boundaries, chunks starting on gap pieces, empty adapters."""
+    from lorafusion_compiler.codegen import multi as multi_module
+
+    monkeypatch.setattr(multi_module, "_split", lambda blocks, other, dev, **kw: min(split, blocks))
+    x, w, b, la, lb, scales, ps, rows, seeds, dy = _problem(
+        200, 64, 40, (5, 24, 1, 16), (3, 40, 0, 150), (37, 70, 0, 50), (0.25, 0.0, 0.25, 0.25), torch.float32)
+    x, w, dy, rows, seeds = (t.to(device) for t in (x, w, dy, rows, seeds))
+    la, lb = [a.to(device) for a in la], [t.to(device) for t in lb]
+    _, s_act = K.multi_forward(x, w, None, la, lb, scales, ps, rows, seeds, torch.float32)
+    _, d_a, _ = multi_backward(dy, x, w, la, lb, s_act, seeds, rows, scales, ps, False)
+    _, _, _, dar, _ = reference(x.cpu(), w.cpu(), None, [a.cpu() for a in la], [t.cpu() for t in lb], scales, ps,
+                                rows.cpu(), seeds.cpu(), dy.cpu())
+    assert d_a[2].abs().sum() == 0  # the adapter without rows
+    assert max(_rel(d_a[i].cpu(), dar[i]) for i in (0, 1, 3)) <= 1e-5
+
+
 def test_multi_deterministic_is_bitwise_repeatable(device):
     x, w, b, la, lb, scales, ps, rows, seeds, dy = _problem(
         170, 64, 48, (5, 24, 1), (0, 37, 120), (37, 70, 50), (0.25, 0.0, 0.25), torch.float32)
