@@ -108,7 +108,8 @@ class TrainConfig:
     seed: int = 0
     """Seed of data order, adapter init and dropout."""
     extra: dict = field(default_factory=dict, repr=False)
-    """Further keyword arguments for ``pipeline()`` (e.g. ``checkpoint_every``, ``window_microbatches``)."""
+    """Further keyword arguments for ``pipeline()`` (the config's ``pipeline:`` mapping, e.g. ``checkpoint_every``,
+    ``window_microbatches``, ``cudagraphs: false``)."""
 
     def __post_init__(self) -> None:
         if not self.jobs:
