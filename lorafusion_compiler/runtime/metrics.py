@@ -2,8 +2,9 @@
 
 Units: seconds, tokens, tokens per second. ``busy`` of a stage = time spent inside the
 forward/backward compute of real microbatches (on a GPU: between CUDA events around each
-region, so timing adds no host sync per microbatch); ``idle`` = window wall time - busy (fill, drain, waits on other stages, optimizer
-steps, and the compute of padding microbatches, which trains nothing); bubble ratio =
+region, so timing adds no host sync per microbatch); ``idle`` = window wall time - busy
+(fill, drain, waits on other stages, optimizer steps, and the compute of padding
+microbatches, which trains nothing); bubble ratio =
 idle / wall (published definition: (step time - compute) / step time). Records go to ``<out_dir>/metrics-rank<r>.jsonl`` (one JSON object a line)
 and to the ``lorafusion.pipeline`` logger.
 """

@@ -182,8 +182,8 @@ def pipeline(
     ``backend="lorafusion"`` (default: on CUDA only); cudagraphs: record the compiled stage's
     forward and backward as CUDA graphs and replay them (the backend option ``cudagraphs``;
     removes the host cost of every kernel launch); default: on when the stage is compiled on
-    CUDA with one stage; needs CUDA, compilation and S = 1 (ValueError otherwise); stage_layers: decoder layers per stage
-    (default: balanced by estimated cost); schedule_options: passed to the scheduler
+    CUDA with one stage; needs CUDA, compilation and S = 1 (ValueError otherwise);
+    stage_layers: decoder layers per stage (default: balanced by estimated cost); schedule_options: passed to the scheduler
     (``time_limit_s``, ``seed``, ``solver``); timeout_s: collective timeout (seconds);
     seed: the forward of plan microbatch ``p`` runs with the torch RNG seeded from (seed, p)
     (dropout masks), so a run is reproducible and a resumed run equals an uninterrupted one;
@@ -216,7 +216,8 @@ def pipeline(
     with FailureWatch(info, grace_s=failure_grace_s), torch.random.fork_rng(devices=devices):
         return _train(base_model, jobs, info, out=out, resume=resume, capacity=capacity, pad_multiple=pad_multiple,
                       checkpoint_every=checkpoint_every, window_microbatches=window_microbatches, max_rounds=max_rounds,
-                      compile=compile, cudagraphs=cudagraphs, stage_layers=stage_layers, schedule_options=dict(schedule_options or {}),
+                      compile=compile, cudagraphs=cudagraphs, stage_layers=stage_layers,
+                      schedule_options=dict(schedule_options or {}),
                       progress=progress, seed=seed, timeout_s=timeout_s, fail_at_round=fail_at_round or {})
 
 
