@@ -15,7 +15,7 @@ import torch
 import triton
 
 from ..ops.dropout_mask import drop_threshold
-from .autotune import TileConfig, cdiv, interpreting, next_pow2, run_tuned
+from .autotune import TileConfig, cdiv, grid_programs, interpreting, next_pow2, num_sms, run_tuned
 from .cache import load_kernel
 from .render import KernelSpec, rank_bucket
 
@@ -54,17 +54,9 @@ def _dropout_args(seed: torch.Tensor, p: float, device: torch.device) -> tuple[i
     return threshold, 1.0 / (1.0 - p)
 
 
-@lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors (a small stand-in under the interpreter, to exercise the split paths)."""
-    if interpreting() or device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split(blocks: int, other_blocks: int, device: torch.device, *, per_sm: int = 2) -> int:
     """Power-of-two split of ``blocks`` so that the grid has about ``per_sm`` programs per SM."""
-    want = cdiv(per_sm * _num_sms(device), max(other_blocks, 1))
+    want = cdiv(per_sm * num_sms(device), max(other_blocks, 1))
     return max(1, min(next_pow2(want), next_pow2(blocks)))
 
 
@@ -198,7 +190,7 @@ def _lowrank_gemm(
     block_r = min(rb, MULTI_BLOCK_R[kernel_name] if multi else 64)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
-        grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(p, cfg["BLOCK_P"]),)
+        grid = (grid_programs(cfg, cdiv(m, cfg["BLOCK_M"]) * cdiv(p, cfg["BLOCK_P"]), out.device),)
         xa, wa = x, wm
         if tma:
             xa = _TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_Q"]])

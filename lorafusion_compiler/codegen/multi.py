@@ -10,7 +10,7 @@ argument) or here on first use (cached). Empty pieces are skipped by the kernels
 * base_expand / dx: regular BLOCK_M row blocks (the base GEMM is never split); the pieces
   of a row block (found through a per-block index) add their own rows' low-rank terms;
 * da: the piece table is cut into chunks of equal piece counts; one program per (column block,
-  adapter run inside a chunk) sums the run into the adapter's block of a packed buffer.
+  chunk, adapter) sums the adapter's run inside the chunk into its block of a packed buffer.
 
 Per-adapter parameters live in two small device tables (int64: A/B pointers and row strides,
 rank, dropout threshold, dA/dB offsets in the packed gradient buffers; fp32: scale,
@@ -267,9 +267,9 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
         chunk = t if deterministic or n >= want else cdiv(t, want)
         chunks = cdiv(t, chunk)
         out = torch.zeros(da_off[-1], dtype=torch.float32, device=dev)
-        _launch(kernel, (k_blocks, chunks, chunk),
+        _launch(kernel, (k_blocks, chunks, n),
                 (x2, d_s, seeds, out, bits if bits is not None else out, m, k, 0, 0, 1.0, 0, *x2.stride(), *d_s.stride(),
-                 k, 1, pieces, spans, itab, ftab, t, chunk),
+                 k, 1, pieces, spans, itab, ftab, chunk),
                 cfg, BLOCK_R=rb, M_SPLIT=chunks)
         return out
 

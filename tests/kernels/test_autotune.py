@@ -37,3 +37,42 @@ def test_other_errors_are_not_swallowed():
 
     with pytest.raises(ValueError, match="bad shape"):
         _first_that_fits([_cfg(128), _cfg(64)], launch)
+
+
+def _tune_with_timings(monkeypatch, script: dict[int, list[float]]):
+    """run_tuned over three candidates (BLOCK_M 32/64/128) whose timing rounds come from ``script``
+    (a NaN-raising entry stands for a launch that does not fit); returns (result, calls per config)."""
+    from lorafusion_compiler.codegen import autotune
+
+    cands = (_cfg(32), _cfg(64), _cfg(128))
+    monkeypatch.setattr(autotune, "configs", lambda kernel, rb: cands)
+    monkeypatch.setattr(autotune, "_CHOICES", {})
+    monkeypatch.setattr(autotune.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv("LORAFUSION_TUNE_MAX", raising=False)
+    rounds = {bm: iter(ts) for bm, ts in script.items()}
+    timed = []
+
+    def fake_gpu_ms(fn):
+        cfg_bm = fn()
+        timed.append(cfg_bm)
+        t = next(rounds[cfg_bm])
+        if t != t:
+            raise OutOfResources(245760, 232448, "shared memory")
+        return t
+
+    monkeypatch.setattr(autotune, "_gpu_ms", fake_gpu_ms)
+    result = autotune.run_tuned("da", "key", (1000, 16), 16, lambda cfg: cfg["BLOCK_M"])
+    return result, timed
+
+
+def test_tuner_keeps_each_candidates_best_round(monkeypatch):
+    # 64 is slowest in round 1 (a clock dip) but fastest overall: the best round counts, not the first
+    result, timed = _tune_with_timings(monkeypatch, {32: [1.0, 1.0], 64: [1.5, 0.8], 128: [0.9, 0.95]})
+    assert result == 64
+    assert timed == [32, 64, 128, 32, 64, 128]  # interleaved rounds
+
+
+def test_tuner_skips_a_candidate_that_does_not_fit_in_later_rounds(monkeypatch):
+    result, timed = _tune_with_timings(monkeypatch, {32: [1.0, 1.0], 64: [float("nan")], 128: [2.0, 0.5]})
+    assert result == 128
+    assert timed == [32, 64, 128, 32, 128]
