@@ -119,8 +119,7 @@ def kernel_times(m=8192, k=4096, n=4096, r=16, p=0.1) -> str:
         fn()  # tune outside the graph
     t = {name: do_bench_cudagraph(fn, return_mode="median") for name, fn in fns.items()}
     from lorafusion_compiler.codegen.autotune import tuned_choices
-    chosen = "; ".join(f"{key[0]} M~{key[2]} {key[3]}: {dict(cfg.blocks)} w{cfg.num_warps} s{cfg.num_stages}"
-                       f"{' persistent' if cfg.persistent else ''}"
+    chosen = "; ".join(f"{key[0]} M~{key[2]} {key[3]}: {cfg.describe()}"
                        for key, cfg in tuned_choices().items() if key[2] == triton_next_pow2(m))
     return f"kernel ms @ {(m, k, n, r, p)}: " + ", ".join(f"{kk} {v:.3f}" for kk, v in t.items()) + f"\n  tuned: {chosen}"
 

@@ -42,6 +42,10 @@ class TileConfig:
     def __getitem__(self, name: str) -> int:
         return self.meta[name]
 
+    def describe(self) -> str:
+        """One line for reports, e.g. ``{'BLOCK_M': 128, ...} w8 s3 persistent``."""
+        return f"{self.meta} w{self.num_warps} s{self.num_stages}{' persistent' if self.persistent else ''}"
+
 
 def _c(warps: int, stages: int, *, persistent: bool = False, **blocks: int) -> TileConfig:
     return TileConfig(tuple(blocks.items()), warps, stages, persistent)

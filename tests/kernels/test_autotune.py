@@ -76,3 +76,8 @@ def test_tuner_skips_a_candidate_that_does_not_fit_in_later_rounds(monkeypatch):
     result, timed = _tune_with_timings(monkeypatch, {32: [1.0, 1.0], 64: [float("nan")], 128: [2.0, 0.5]})
     assert result == 128
     assert timed == [32, 64, 128, 32, 128]
+
+
+def test_config_description_names_blocks_warps_stages_and_persistence():
+    assert TileConfig((("BLOCK_M", 128),), 8, 3, True).describe() == "{'BLOCK_M': 128} w8 s3 persistent"
+    assert _cfg(64).describe() == "{'BLOCK_M': 64} w4 s3"
