@@ -93,17 +93,19 @@ def make_step(model, embed, params, *, graphs: bool):
 
 
 def profile_step(step, ids, path: str) -> None:
-    """Write the profiler's op table (sorted by host time, then by GPU time) for one step."""
+    """Write the profiler's op table (sorted by host time, then by GPU time) and its Chrome trace
+    (``<path minus .txt>.trace.json``: every kernel in order, with its grid) for one step."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(ids)
         torch.cuda.synchronize()
+    prof.export_chrome_trace(path.removesuffix(".txt") + ".trace.json")
     table = prof.key_averages()
     with open(path, "w") as f:
         f.write(table.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
         f.write("\n")
-        f.write(table.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+        f.write(table.table(sort_by="self_device_time_total", row_limit=100, max_name_column_width=90))
 
 
 def main() -> None:
@@ -144,7 +146,7 @@ def main() -> None:
         if args.profile_dir:
             os.makedirs(args.profile_dir, exist_ok=True)
             ids = torch.randint(0, 32000, (args.tokens // args.seq, args.seq), device="cuda")
-            profile_step(step, ids, os.path.join(args.profile_dir, f"profile-{variant}-p{p}.txt"))
+            profile_step(step, ids, os.path.join(args.profile_dir, f"profile-{variant.replace('+', '_')}-p{p}.txt"))
         floor_ms = ms if floor_ms is None else floor_ms  # floors run first
         row = dict(p=p, variant=variant, ms=ms, tokens_per_s=args.tokens / ms * 1e3, peak_gib=gib, floor_ratio=floor_ms / ms)
         results.append(row)

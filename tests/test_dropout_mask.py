@@ -5,22 +5,35 @@ import math
 import pytest
 import torch
 
-from lorafusion_compiler.ops.dropout_mask import LANES_PER_COUNTER, drop_threshold, keep_mask, philox4x32
+from lorafusion_compiler.ops.dropout_mask import LANES_PER_COUNTER, PHILOX_ROUNDS, drop_threshold, keep_mask, philox4x32
 
 
-# Known answers of Triton's tl.randint4x(seed, 123456789 + i) (recorded with the Triton interpreter).
+# Known answers of Triton's tl.randint4x(seed, 123456789 + i, rounds) (recorded with the Triton
+# interpreter): 10 rounds is Triton's default, 7 the mask's (PHILOX_ROUNDS).
 @pytest.mark.parametrize(
-    "seed, words",
+    "rounds, seed, words",
     [
-        (0, [3312208130, 3064327959, 1729284979, 4013493118]),
-        (42, [1593944992, 3061779824, 4066282839, 4255630440]),
-        (2**40 + 7, [2438419657, 208528801, 937072107, 3294285765]),
-        (2**62 - 1, [2883921267, 1952984366, 2589274252, 62380519]),
+        (10, 0, [3312208130, 3064327959, 1729284979, 4013493118]),
+        (10, 42, [1593944992, 3061779824, 4066282839, 4255630440]),
+        (10, 2**40 + 7, [2438419657, 208528801, 937072107, 3294285765]),
+        (10, 2**62 - 1, [2883921267, 1952984366, 2589274252, 62380519]),
+        (7, 0, [391937151, 3818982354, 4017951932, 3586622748]),
+        (7, 42, [1789310387, 975692910, 844064148, 2237689425]),
+        (7, 2**40 + 7, [2008249087, 3565209735, 2168023377, 219591659]),
+        (7, 2**62 - 1, [1752551897, 1919796465, 2956620499, 2667388854]),
     ],
 )
-def test_philox_matches_triton_known_answers(seed, words):
-    out = philox4x32(torch.tensor(seed), torch.tensor([123456789]))
+def test_philox_matches_triton_known_answers(rounds, seed, words):
+    out = philox4x32(torch.tensor(seed), torch.tensor([123456789]), rounds)
     assert [int(w.item()) for w in out] == words
+
+
+def test_mask_uses_seven_rounds():
+    assert PHILOX_ROUNDS == 7
+    words = philox4x32(torch.tensor(99), torch.tensor([0]), 7)
+    mask = keep_mask(torch.tensor(99), 0.3, 1, 8)
+    lanes = [(int(words[i // 2].item()) >> (16 * (i % 2))) & 0xFFFF for i in range(8)]
+    assert mask[0].tolist() == [lane >= drop_threshold(0.3) for lane in lanes]
 
 
 def test_philox_words_are_32_bit_and_vary():

@@ -1,9 +1,9 @@
 """Small per-kernel tile-configuration sets and a tuner cached per shape bucket.
 
-On the GPU the first call of a (kernel, spec, shape bucket) times every configuration
-(CUDA events, median, best of ``TUNE_ROUNDS`` interleaved rounds) and keeps the fastest; later calls
-only look the choice up, so nothing is host-synchronised per call. Under
-TRITON_INTERPRET=1 (no driver, no timing) and during CUDA-graph capture one fixed
+On the GPU the first call of a (kernel, spec, shape bucket) times every configuration (CUDA
+events around queued calls, cold L2, median, best of ``TUNE_ROUNDS`` interleaved rounds) and
+keeps the fastest; later calls only look the choice up, so nothing is host-synchronised per
+call. Under TRITON_INTERPRET=1 (no driver, no timing) and during CUDA-graph capture one fixed
 configuration is used. ``LORAFUSION_TUNE_MAX=n`` limits tuning to the first n candidates
 (quick benchmark runs: less compile time).
 """
@@ -11,6 +11,7 @@ configuration is used. ``LORAFUSION_TUNE_MAX=n`` limits tuning to the first n ca
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Sequence
@@ -184,14 +185,39 @@ TUNE_ROUNDS = 2
 ~10% over a tuning pass on H100, which decided between candidates when each was timed once."""
 
 
-def _gpu_ms(fn: Callable[[], Any]) -> float:
-    """Median milliseconds of ``fn`` between CUDA events (``triton.testing.do_bench``). Not CUDA-graph
-    replays: tuning runs inside autograd's backward and cudagraph-tree warm-ups, where a nested
-    capture is fragile. Weak spot: a kernel shorter than its host launch cost (~30-80 µs on slow
-    hosts) is timed host-bound, so small-M candidates of the memory-bound kernels tie."""
-    import triton.testing
+def _gpu_ms(fn: Callable[[], Any], *, calls: int = 8) -> float:
+    """Median GPU milliseconds of one ``fn`` call with a cold L2, host launch time excluded.
 
-    return triton.testing.do_bench(fn, warmup=2, rep=12, return_mode="median")
+    A spin kernel (``torch.cuda._sleep``) keeps the GPU busy while the host queues ``calls`` groups
+    of (L2 flush, start event, ``fn``, end event), so each event pair brackets ``fn``'s kernels
+    only, even when launching ``fn`` costs more host time than its kernels run: ``do_bench`` timed
+    the small-M memory-bound kernels host-bound (~30-80 µs per launch on slow hosts), and their
+    candidates tied. Events, not CUDA-graph replays: tuning runs inside autograd's backward and
+    cudagraph-tree warm-ups, where a nested capture is fragile."""
+    fn()  # compile and warm up outside the timed groups
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")  # per call: no cached tensor (graph pools)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+    torch.cuda.synchronize()
+    host = time.perf_counter()
+    flush.zero_()
+    fn()
+    host = time.perf_counter() - host  # one group's host time (the queue is empty: no GPU time in it)
+    torch.cuda._sleep(int(min(max(1.5 * calls * host, 1e-4), 0.5) * _SPIN_HZ))
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[len(times) // 2]
+
+
+_FLUSH_BYTES = 256 * 2**20
+"""Zeroed before every timed call: larger than the L2 of current GPUs (50 MiB on H100)."""
+_SPIN_HZ = 2.0e9
+"""Clock ticks per second assumed when sizing the spin kernel (an upper bound: a slower clock
+spins longer, which only delays the timed groups)."""
 
 
 def _first_that_fits(candidates: Sequence[TileConfig], launch: Callable[[TileConfig], Any]) -> Any:

@@ -178,7 +178,11 @@ def _lowrank_gemm(
     ``bits``: dx's keep bits (``fields["keep_bits"]``).
     """
     tma = _tma_ok(x, weight)
-    kernel, key, rb = _prepare(kernel_name, **fields, tma=tma)
+    # the epilogue stores through a TMA descriptor too (H100: ~1% faster base_expand / dx at M=4096 with
+    # warm L2, level with cold L2; docs/kernel-notes.md) when out is 16-bit with 16-byte aligned rows: its
+    # staging tile takes BLOCK_M x BLOCK_P x 2 bytes of shared memory (fp32 tiles left no config that fits)
+    tma_store = tma and out.element_size() == 2 and (out.stride(0) * 2) % 16 == 0 and out.data_ptr() % 16 == 0
+    kernel, key, rb = _prepare(kernel_name, **fields, tma=tma, tma_store=tma_store)
     multi = route is not None
     m, p = out.shape
     # multi: R = 0 (each piece's adapter sets its rank; an argument equal to 1 would become a constexpr)
@@ -196,8 +200,9 @@ def _lowrank_gemm(
             xa = _TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_Q"]])
             w_block = [cfg["BLOCK_P"], cfg["BLOCK_Q"]] if kernel_name == "base_expand" else [cfg["BLOCK_Q"], cfg["BLOCK_P"]]
             wa = _TensorDescriptor.from_tensor(weight, w_block)
+        oa = _TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_P"]]) if tma_store else out
         _launch(kernel, grid,
-                (xa, wa, bias_, low_l, low_l if multi else low_r, out, seed, bits if bits is not None else out,
+                (xa, wa, bias_, low_l, low_l if multi else low_r, oa, seed, bits if bits is not None else out,
                  m, p, q, r, lscale, threshold,
                  *x.stride(), *wm.stride(), *low_l.stride(), *low_r_strides, *out.stride(),
                  *(route(cfg) if multi else ())),

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import jinja2
 
+from ..ops.dropout_mask import PHILOX_ROUNDS
+
 __all__ = ["KERNEL_NAMES", "KernelSpec", "rank_bucket", "render", "kernel_sources"]
 
 KERNEL_NAMES = ("shrink", "base_expand", "ds_db", "da", "dx")
@@ -25,10 +27,10 @@ _DTYPES = ("float16", "bfloat16", "float32")
 _RANK_BUCKETS = (16, 32, 64, 128, 256)
 _USES = {
     "shrink": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "multi", "adapters_aligned"),
-    "base_expand": ("dtype", "adapter_dtype", "has_weight", "has_bias", "rank_bucket", "tma", "multi", "adapters_aligned"),
+    "base_expand": ("dtype", "adapter_dtype", "has_weight", "has_bias", "rank_bucket", "tma", "tma_store", "multi", "adapters_aligned"),
     "ds_db": ("dtype", "adapter_dtype", "rank_bucket", "deterministic", "multi", "adapters_aligned"),
     "da": ("dtype", "adapter_dtype", "dropout", "rank_bucket", "aligned8", "deterministic", "multi", "keep_bits"),
-    "dx": ("dtype", "adapter_dtype", "has_weight", "dropout", "rank_bucket", "aligned8", "tma", "multi", "adapters_aligned",
+    "dx": ("dtype", "adapter_dtype", "has_weight", "dropout", "rank_bucket", "aligned8", "tma", "tma_store", "multi", "adapters_aligned",
            "keep_bits"),
 }
 
@@ -64,6 +66,9 @@ class KernelSpec:
     """No atomics: partial sums go to workspace slots that are reduced in a fixed order."""
     tma: bool = False
     """GEMM main loop reads x/dY and W through Hopper TMA descriptors (GPU, sm_90+, aligned rows)."""
+    tma_store: bool = False
+    """GEMM epilogue stores the output tile through a TMA descriptor (with tma, for 16-bit outputs whose
+    rows are 16-byte aligned)."""
     multi: bool = False
     """Multi-adapter: each row piece reads its adapter (A/B pointers and strides, rank, scale,
     threshold, 1/(1-p), seed) from device tables instead of the scalar arguments."""
@@ -85,6 +90,8 @@ class KernelSpec:
             raise ValueError("KernelSpec.adapters_aligned=True needs multi=True")
         if self.keep_bits and not (self.dropout and self.aligned8):
             raise ValueError("KernelSpec.keep_bits=True needs dropout=True and aligned8=True (K % 8 == 0)")
+        if self.tma_store and not self.tma:
+            raise ValueError("KernelSpec.tma_store=True needs tma=True")
         if self.has_bias and not self.has_weight:
             raise ValueError("KernelSpec.has_bias=True needs has_weight=True")
 
@@ -95,7 +102,7 @@ class KernelSpec:
         flags = "".join(
             f"{tag}{int(getattr(self, name))}"
             for tag, name in (("w", "has_weight"), ("b", "has_bias"), ("p", "dropout"), ("dx", "needs_dx"),
-                              ("a8_", "aligned8"), ("det", "deterministic"), ("tma", "tma"),
+                              ("a8_", "aligned8"), ("det", "deterministic"), ("tma", "tma"), ("ts", "tma_store"),
                               ("al", "adapters_aligned"), ("kb", "keep_bits"))
         )
         multi = "-multi" if self.multi else ""
@@ -138,7 +145,7 @@ def render(kernel: str, spec: KernelSpec) -> str:
     """Python/Triton source of ``kernel`` (one of ``KERNEL_NAMES``) for ``spec``; defines ``{kernel}_kernel``."""
     spec = spec.for_kernel(kernel)
     template = _environment().get_template(f"{_TEMPLATE[kernel]}.py.jinja")
-    return template.render(spec=spec, kernel=kernel)
+    return template.render(spec=spec, kernel=kernel, philox_rounds=PHILOX_ROUNDS)
 
 
 def kernel_sources(spec: KernelSpec) -> dict[str, str]:

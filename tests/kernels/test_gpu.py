@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -40,3 +41,17 @@ def test_bf16_op_vs_float64(shape, p):
     dx = ref.dx(dy.to(d), w.to(d), ds, a.detach().to(d), seed, p, d)
     errs = {"y": rel(y, y_ref), "dX": rel(x.grad, dx), "dA": rel(a.grad, da), "dB": rel(b.grad, db)}
     assert max(errs.values()) <= 1e-2, errs
+
+
+def test_tuner_times_the_kernels_not_the_host():
+    """A candidate whose launch spends 2 ms on the host before a tiny kernel is timed by its kernel."""
+    from lorafusion_compiler.codegen.autotune import _gpu_ms
+
+    x = torch.randn(1 << 16, device="cuda")
+
+    def slow_host_launch():
+        time.sleep(2e-3)
+        x.mul_(1.0001)
+
+    assert _gpu_ms(slow_host_launch) < 0.2  # ms: the 2 ms of host time per call are not in it
+    assert _gpu_ms(lambda: torch.cuda._sleep(2_000_000)) > 0.5  # 2M clock ticks (<= 2 GHz) are

@@ -214,3 +214,10 @@ def test_kernel_sources_and_spec_key():
     assert bits["shrink"] == kernel_sources(KernelSpec(dropout=True))["shrink"]  # only da and dx depend on it
     with pytest.raises(ValueError, match="adapters_aligned=True needs multi=True"):
         KernelSpec(adapters_aligned=True)
+    # the TMA-store epilogue (GPU only: the interpreter has no TMA) replaces the pointer store of the GEMMs
+    tma = kernel_sources(KernelSpec(has_weight=True, tma=True, tma_store=True))
+    for name in ("base_expand", "dx"):
+        assert "out_ptr.store([pid_m * BLOCK_M, pid_p * BLOCK_P]" in tma[name] and "tl.store(out_ptr" not in tma[name]
+    assert tma["shrink"] == kernel_sources(KernelSpec(has_weight=True))["shrink"]
+    with pytest.raises(ValueError, match="tma_store=True needs tma=True"):
+        KernelSpec(tma_store=True)
