@@ -36,7 +36,7 @@ PHILOX_ROUNDS = 7
 easy as 1, 2, 3") found Philox-4x32 with 7 rounds free of failures in TestU01's BigCrush; 10 (the
 Triton and cuRAND default) adds a safety margin. A dropout mask needs no more than BigCrush
 quality, and the rounds are most of the mask's integer work: on H100 at 8192x4096 (bf16, p=0.1)
-10 -> 7 rounds took shrink 38.7 -> 34.6 us and dA 54.0 -> 47.8 us."""
+10 -> 7 rounds took shrink 38.7 -> 34.6 us and dA (with its keep-bits store) 54.0 -> 47.8 us."""
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
