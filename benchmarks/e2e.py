@@ -161,8 +161,8 @@ def main() -> None:
         p = "-" if r["p"] is None else r["p"]
         print(f"{p:>4} {r['variant']:<10} {r['ms']:>9.2f} {r['tokens_per_s']:>10.0f} {r['floor_ratio']:>8.3f} {r['peak_gib']:>9.2f}")
     from lorafusion_compiler.codegen.autotune import tuned_choices
-    for (kernel, _, m_bucket, dims), cfg in sorted(tuned_choices().items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3])):
-        print(f"tuned {kernel:11s} M~{m_bucket} {dims}: {cfg.describe()}")
+    for (kernel, spec, m_bucket, dims), cfg in sorted(tuned_choices().items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3])):
+        print(f"tuned {kernel:11s} M~{m_bucket} {dims} [{spec}]: {cfg.describe()}")  # spec: e.g. tma1 = TMA loads
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
