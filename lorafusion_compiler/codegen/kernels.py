@@ -154,8 +154,12 @@ def _tma_ok(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9 or x.dtype != weight.dtype:
         return False
-    size = x.element_size()
-    return all(t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x, weight))
+    return _tma_rows(x) and _tma_rows(weight)
+
+
+def _tma_rows(t: torch.Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can address: unit column stride, 16-byte aligned start and rows."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 MULTI_BLOCK_R = {"base_expand": 64, "dx": 16}
@@ -181,7 +185,7 @@ def _lowrank_gemm(
     # the epilogue stores through a TMA descriptor too (H100: ~1% faster base_expand / dx at M=4096 with
     # warm L2, level with cold L2; docs/kernel-notes.md) when out is 16-bit with 16-byte aligned rows: its
     # staging tile takes BLOCK_M x BLOCK_P x 2 bytes of shared memory (fp32 tiles left no config that fits)
-    tma_store = tma and out.element_size() == 2 and (out.stride(0) * 2) % 16 == 0 and out.data_ptr() % 16 == 0
+    tma_store = tma and out.element_size() == 2 and _tma_rows(out)
     kernel, key, rb = _prepare(kernel_name, **fields, tma=tma, tma_store=tma_store)
     multi = route is not None
     m, p = out.shape
