@@ -10,6 +10,7 @@ configuration is used. ``LORAFUSION_TUNE_MAX=n`` limits tuning to the first n ca
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["TileConfig", "cdiv", "configs", "grid_programs", "interpreting", "next_pow2", "num_sms", "run_tuned",
+__all__ = ["SPLIT_KERNELS", "TileConfig", "cdiv", "configs", "grid_programs", "interpreting", "next_pow2", "num_sms", "run_tuned",
            "shape_bucket", "tuned_choices"]
 
 
@@ -32,6 +33,10 @@ class TileConfig:
     persistent: bool = False
     """Launch one program per SM that walks the output tiles (GEMM templates with a tile loop)
     instead of one program per tile; not a kernel argument."""
+    split_per_sm: int = 2
+    """Split kernels (shrink, ds_db, dA): split the reduction so the grid has about this many
+    programs per SM; not a kernel argument. More programs hide more latency (the dropout mask's
+    Philox), fewer leave fewer partial sums."""
     meta: dict[str, int] = field(init=False, compare=False, repr=False)
     kwargs: dict[str, int] = field(init=False, compare=False, repr=False)
     """``kernel[grid](...)`` keyword arguments: the blocks plus num_warps and num_stages."""
@@ -45,11 +50,12 @@ class TileConfig:
 
     def describe(self) -> str:
         """One line for reports, e.g. ``{'BLOCK_M': 128, ...} w8 s3 persistent``."""
-        return f"{self.meta} w{self.num_warps} s{self.num_stages}{' persistent' if self.persistent else ''}"
+        split = f" split/SM {self.split_per_sm}" if self.split_per_sm != 2 else ""
+        return f"{self.meta} w{self.num_warps} s{self.num_stages}{' persistent' if self.persistent else ''}{split}"
 
 
-def _c(warps: int, stages: int, *, persistent: bool = False, **blocks: int) -> TileConfig:
-    return TileConfig(tuple(blocks.items()), warps, stages, persistent)
+def _c(warps: int, stages: int, *, persistent: bool = False, split_per_sm: int = 2, **blocks: int) -> TileConfig:
+    return TileConfig(tuple(blocks.items()), warps, stages, persistent, split_per_sm)
 
 
 def interpreting() -> bool:
@@ -60,7 +66,17 @@ def interpreting() -> bool:
 @lru_cache(maxsize=None)
 def configs(kernel: str, rank_bucket: int) -> tuple[TileConfig, ...]:
     """Candidate configurations of ``kernel`` for a padded rank (the first is the fallback)."""
-    return tuple(_configs(kernel, rank_bucket))
+    candidates = _configs(kernel, rank_bucket)
+    if kernel in SPLIT_KERNELS and not interpreting():
+        # the first config again with 1 and 4 programs per SM. H100, cold operands, µs (2 per SM ->
+        # the better other): dA 4096x14336 84.9 -> 77.2 at 4, 8192x4096 47.7 -> 45.8 at 1; shrink
+        # 8192x4096 34.2 -> 32.2 at 1; ds_db 1-2 µs faster at 1 (docs/kernel-notes.md)
+        candidates += [dataclasses.replace(candidates[0], split_per_sm=n) for n in (1, 4)]
+    return tuple(candidates)
+
+
+SPLIT_KERNELS = ("shrink", "ds_db", "da")
+"""Kernels that split their reduction over programs (``TileConfig.split_per_sm`` applies)."""
 
 
 def _configs(kernel: str, rank_bucket: int) -> list[TileConfig]:

@@ -54,9 +54,9 @@ def _dropout_args(seed: torch.Tensor, p: float, device: torch.device) -> tuple[i
     return threshold, 1.0 / (1.0 - p)
 
 
-def _split(blocks: int, other_blocks: int, device: torch.device, *, per_sm: int = 2) -> int:
-    """Power-of-two split of ``blocks`` so that the grid has about ``per_sm`` programs per SM."""
-    want = cdiv(per_sm * num_sms(device), max(other_blocks, 1))
+def _split(blocks: int, other_blocks: int, device: torch.device, cfg: TileConfig) -> int:
+    """Power-of-two split of ``blocks`` so that the grid has about ``cfg.split_per_sm`` programs per SM."""
+    want = cdiv(cfg.split_per_sm * num_sms(device), max(other_blocks, 1))
     return max(1, min(next_pow2(want), next_pow2(blocks)))
 
 
@@ -120,7 +120,7 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) 
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         m_blocks, k_blocks = cdiv(m, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_K"])
-        k_split = _split(k_blocks, m_blocks, dev)
+        k_split = _split(k_blocks, m_blocks, dev, cfg)
         if k_split == 1:
             out = torch.empty(1, m, r, dtype=lora_a.dtype, device=dev)
         else:
@@ -260,7 +260,7 @@ def ds_db(
 
     def launch(cfg: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
         m_blocks, n_blocks = cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"])
-        n_split = _split(n_blocks, m_blocks, dev)
+        n_split = _split(n_blocks, m_blocks, dev, cfg)
         if deterministic:
             d_s = torch.empty(n_split, m, r, dtype=torch.float32, device=dev)
             d_b = torch.empty(m_blocks, n, r, dtype=torch.float32, device=dev)
@@ -301,7 +301,7 @@ def da(
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         k_blocks, m_blocks = cdiv(k, cfg["BLOCK_K"]), cdiv(m, cfg["BLOCK_M"])
-        m_split = _split(m_blocks, k_blocks, dev)
+        m_split = _split(m_blocks, k_blocks, dev, cfg)
         if m_split == 1:
             out = torch.empty(1, r, k, dtype=a_dtype, device=dev)
         elif deterministic:

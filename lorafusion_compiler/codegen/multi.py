@@ -185,7 +185,7 @@ def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_
     def launch_shrink(cfg: TileConfig) -> torch.Tensor:
         pieces, blk, spans = tables(cfg["BLOCK_M"])
         t = pieces.shape[0]
-        k_split = _split(cdiv(k, cfg["BLOCK_K"]), cdiv(m, cfg["BLOCK_M"]), dev)
+        k_split = _split(cdiv(k, cfg["BLOCK_K"]), cdiv(m, cfg["BLOCK_M"]), dev, cfg)
         out = torch.empty(k_split, m, rs, dtype=a_dtype if k_split == 1 else torch.float32, device=dev)
         _launch(kernel, (t, k_split),
                 (x2, lora_a[0], out, seeds, m, k, rs, 0, 1.0, m * rs, *x2.stride(), 0, 0, rs, 1,
@@ -228,7 +228,7 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
     def launch_ds_db(cfg: TileConfig):
         pieces, blk, spans = tables(cfg["BLOCK_M"])
         t = pieces.shape[0]
-        n_split = _split(cdiv(n_out, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"]), dev)
+        n_split = _split(cdiv(n_out, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"]), dev, cfg)
         if deterministic:
             d_s = torch.empty(n_split, m, rs, dtype=torch.float32, device=dev)
             d_b = torch.zeros(t, n_out, rs, dtype=torch.float32, device=dev)
@@ -260,10 +260,10 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
         pieces, _blk, spans = tables(cfg["BLOCK_M"])
         t = pieces.shape[0]
         k_blocks = cdiv(k, cfg["BLOCK_K"])
-        # chunks of equal piece counts (~2 programs with work per SM, as the single-adapter
+        # chunks of equal piece counts (~cfg.split_per_sm programs with work per SM, as the single-adapter
         # kernel's split), unless the adapters alone give that many programs: then one chunk, one
         # program per adapter and plain stores (no atomics; always in deterministic mode)
-        want = _split(t, k_blocks, dev)
+        want = _split(t, k_blocks, dev, cfg)
         chunk = t if deterministic or n >= want else cdiv(t, want)
         chunks = cdiv(t, chunk)
         out = torch.zeros(da_off[-1], dtype=torch.float32, device=dev)

@@ -78,6 +78,35 @@ def test_tuner_skips_a_candidate_that_does_not_fit_in_later_rounds(monkeypatch):
     assert timed == [32, 64, 128, 32, 128]
 
 
-def test_config_description_names_blocks_warps_stages_and_persistence():
+def test_config_description_names_blocks_warps_stages_persistence_and_split():
     assert TileConfig((("BLOCK_M", 128),), 8, 3, True).describe() == "{'BLOCK_M': 128} w8 s3 persistent"
     assert _cfg(64).describe() == "{'BLOCK_M': 64} w4 s3"
+    assert TileConfig((("BLOCK_M", 64),), split_per_sm=4).describe() == "{'BLOCK_M': 64} w4 s3 split/SM 4"
+
+
+def test_split_kernels_also_try_the_first_config_with_1_and_4_programs_per_sm(monkeypatch):
+    from lorafusion_compiler.codegen import autotune
+
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)  # the GPU candidate lists
+    autotune.configs.cache_clear()
+    try:
+        for kernel in autotune.SPLIT_KERNELS:
+            cands = autotune.configs(kernel, 16)
+            assert [c.split_per_sm for c in cands[-2:]] == [1, 4], kernel
+            assert all(c.blocks == cands[0].blocks and c.num_warps == cands[0].num_warps for c in cands[-2:]), kernel
+            assert {c.split_per_sm for c in cands[:-2]} == {2}, kernel
+        assert {c.split_per_sm for c in autotune.configs("dx", 16)} == {2}  # GEMMs do not split
+    finally:
+        autotune.configs.cache_clear()
+
+
+@pytest.mark.parametrize("per_sm, want", [(1, 1), (2, 1), (4, 2), (8, 4), (64, 32)])
+def test_split_aims_at_the_configured_programs_per_sm(per_sm, want):
+    import torch
+
+    from lorafusion_compiler.codegen.kernels import _split
+
+    cfg = TileConfig((("BLOCK_M", 64),), split_per_sm=per_sm)
+    # 2 SMs on the CPU stand-in, 4 programs along the other axis: ceil(2 * per_sm / 4), a power of two,
+    # at most the 32 blocks there are to split
+    assert _split(32, 4, torch.device("cpu"), cfg) == want

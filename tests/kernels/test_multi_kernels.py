@@ -112,7 +112,7 @@ def test_multi_da_chunks_of_any_size(split, device, monkeypatch):
     runs of an adapter cut at chunk boundaries, chunks starting on gap pieces, empty adapters."""
     from lorafusion_compiler.codegen import multi as multi_module
 
-    monkeypatch.setattr(multi_module, "_split", lambda blocks, other, dev, **kw: min(split, blocks))
+    monkeypatch.setattr(multi_module, "_split", lambda blocks, other, dev, cfg: min(split, blocks))
     x, w, b, la, lb, scales, ps, rows, seeds, dy = _problem(
         200, 64, 40, (5, 24, 1, 16), (3, 40, 0, 150), (37, 70, 0, 50), (0.25, 0.0, 0.25, 0.25), torch.float32)
     x, w, dy, rows, seeds = (t.to(device) for t in (x, w, dy, rows, seeds))
