@@ -50,12 +50,13 @@ class TileConfig:
 
     def describe(self) -> str:
         """One line for reports, e.g. ``{'BLOCK_M': 128, ...} w8 s3 persistent``."""
-        split = f" split/SM {self.split_per_sm}" if self.split_per_sm != 2 else ""
+        default = TileConfig.split_per_sm  # the split is named only when a config changes it
+        split = f" split/SM {self.split_per_sm}" if self.split_per_sm != default else ""
         return f"{self.meta} w{self.num_warps} s{self.num_stages}{' persistent' if self.persistent else ''}{split}"
 
 
-def _c(warps: int, stages: int, *, persistent: bool = False, split_per_sm: int = 2, **blocks: int) -> TileConfig:
-    return TileConfig(tuple(blocks.items()), warps, stages, persistent, split_per_sm)
+def _c(warps: int, stages: int, *, persistent: bool = False, **blocks: int) -> TileConfig:
+    return TileConfig(tuple(blocks.items()), warps, stages, persistent)
 
 
 def interpreting() -> bool:
