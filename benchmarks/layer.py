@@ -1,6 +1,8 @@
 """Layer benchmark: frozen base linear vs eager LoRA vs Inductor LoRA vs lorafusion (Triton kernels).
 
-One process, CUDA-event medians, fresh random inputs rotated over several sets. "time" is
+One process, CUDA-event medians, fresh random inputs rotated over several sets; the four
+variants of a row are timed round-robin (one call each per round, ``timing.py``), so that the
+GPU's clock drift falls on all of them alike. "time" is
 forward+backward of one layer (``y = layer(x); y.backward(dy)``, x requiring grad); "base"
 is the frozen ``F.linear(x, W)`` forward+backward (dX only). Everything bf16 (x, W, A, B).
 
@@ -11,17 +13,18 @@ is the frozen ``F.linear(x, W)`` forward+backward (dX only). Everything bf16 (x,
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
-import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from cuda_graph import capture
+from timing import interleaved_ms
+
 from lorafusion_compiler.ops.lora_linear import lora_linear
 
-__all__ = ["SHAPES", "make_layers", "time_fwd_bwd", "saved_bytes", "main"]
+__all__ = ["SHAPES", "fwd_bwd_call", "graph_of", "main", "make_layers", "saved_bytes"]
 
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (8192, 5120, 5120), (8192, 8192, 8192), (2048, 4096, 4096)]
 """(M, K, N) of the issue; the first five are the M=8192 geometric-mean set."""
@@ -53,42 +56,27 @@ def _inputs(m: int, k: int, n: int, r: int, sets: int, dtype=torch.bfloat16):
     return w, a, b, data
 
 
-def time_fwd_bwd(fn: Callable, w, a, b, data, *, backward: bool = True, iters: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of fn forward (+ backward with dy) over ``iters`` runs, rotating input sets."""
-    times = []
-    for i in range(warmup + iters):
-        x, dy = data[i % len(data)]
+def fwd_bwd_call(fn: Callable, w, a, b, data, *, backward: bool = True) -> Callable[[], None]:
+    """One forward (+ backward with dy) of fn per call, on the next input set each call."""
+    sets = itertools.count()
+
+    def call() -> None:
+        x, dy = data[next(sets) % len(data)]
         for t in (x, a, b):
             t.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         if backward:
             fn(x, w, a, b).backward(dy)
         else:
             with torch.no_grad():
                 fn(x, w, a, b)
-        end.record()
-        if i >= warmup:
-            times.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in times)
+    return call
 
 
-def time_graph(fn: Callable, w, a, b, data, *, iters: int = 20) -> float:
-    """Median ms of one CUDA-graph replay of fn forward+backward (host launch overhead removed)."""
+def graph_of(fn: Callable, w, a, b, data) -> torch.cuda.CUDAGraph:
+    """fn forward+backward captured in a CUDA graph (replays have no host launch overhead)."""
     x, dy = data[0]
     graph, _ = capture(lambda: fn(x, w, a, b).backward(dy), clear=(x, a, b))
-    times = []
-    for i in range(iters + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        if i >= 3:
-            times.append((start, end))
-    torch.cuda.synchronize()
-    del graph
-    return statistics.median(s.elapsed_time(e) for s, e in times)
+    return graph
 
 
 def saved_bytes(fn: Callable, w, a, b, data) -> int:
@@ -113,13 +101,19 @@ def run(shapes, ranks, ps, *, alpha: float = 32.0, fwd_only: bool = True, memory
                 w, a, b, data = _inputs(m, k, n, r, sets=3 if m * max(k, n) <= 8192 * 8192 else 2)
                 layers = make_layers(alpha / r, p)
                 row = {"shape": (m, k, n), "r": r, "p": p}
-                for name, fn in layers.items():
-                    row[name] = time_fwd_bwd(fn, w, a, b, data)
-                    if fwd_only:
-                        row[name + "_fwd"] = time_fwd_bwd(fn, w, a, b, data, backward=False)
-                    if memory and name != "base":
-                        row[name + "_mem"] = saved_bytes(fn, w, a, b, data)
-                    row[name + "_graph"] = time_graph(fn, w, a, b, data)
+                # every timing below calls the four variants round-robin (benchmarks/timing.py)
+                timed = interleaved_ms({name: fwd_bwd_call(fn, w, a, b, data) for name, fn in layers.items()}, rounds=20)
+                row.update(timed)
+                if fwd_only:
+                    timed = interleaved_ms({name: fwd_bwd_call(fn, w, a, b, data, backward=False)
+                                            for name, fn in layers.items()}, rounds=20)
+                    row.update({name + "_fwd": t for name, t in timed.items()})
+                if memory:
+                    row.update({name + "_mem": saved_bytes(fn, w, a, b, data) for name, fn in layers.items() if name != "base"})
+                graphs = {name: graph_of(fn, w, a, b, data) for name, fn in layers.items()}
+                timed = interleaved_ms({name: g.replay for name, g in graphs.items()}, rounds=20)
+                row.update({name + "_graph": t for name, t in timed.items()})
+                del graphs
                 log(_fmt(row))
                 rows.append(row)
                 del w, a, b, data

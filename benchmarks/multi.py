@@ -30,8 +30,9 @@ os.environ.setdefault("LORAFUSION_TUNE_MAX", "1")  # first (hand-picked) config 
 
 import torch
 import torch.nn.functional as F
-
 from cuda_graph import capture
+from timing import interleaved_ms
+
 from lorafusion_compiler.ops.dropout_mask import keep_mask
 from lorafusion_compiler.ops.lora_linear import lora_linear
 from lorafusion_compiler.ops.multi_lora_linear import multi_lora_linear
@@ -199,22 +200,7 @@ def timed(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def graphed(fn, iters: int) -> float:
-    """ms per call of ``fn`` captured in a CUDA graph (host overhead excluded)."""
-    g, _ = capture(fn)
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    del g
-    return start.elapsed_time(end) / iters
-
-
-def bench(name, counts, ranks, iters, *, profile: bool = False) -> dict:
+def bench(name, counts, ranks, iters, *, profile: bool = False, profile_single: bool = False) -> dict:
     p = 0.1
     x, w, _b, la, lb, scales, rows, dy = make(counts, ranks)
     ps = [p] * len(ranks)
@@ -251,14 +237,19 @@ def bench(name, counts, ranks, iters, *, profile: bool = False) -> dict:
         F.linear(xs, w).backward(dy)
         clear_grads()
 
-    t = {"ours": timed(ours, iters), "single": timed(single, iters), "loop": timed(loop, iters),
-         "eager": timed(lambda: ours("torch"), max(2, iters // 4)), "base": timed(base, iters)}
+    # round-robin (benchmarks/timing.py): the compared variants see the same GPU clocks
+    t = interleaved_ms({"ours": ours, "single": single, "loop": loop, "base": base,
+                        "route": lambda: multi_routing(rows, xs)}, rounds=iters)
+    t["eager"] = timed(lambda: ours("torch"), max(2, iters // 4))
     # CUDA-graph replays (the eager per-segment loop reads the routing on the host: not capturable)
-    g = {"ours": graphed(ours, iters), "single": graphed(single, iters), "loop": graphed(loop, iters),
-         "base": graphed(base, iters), "route": graphed(lambda: multi_routing(rows, xs), iters)}
-    t["route"] = timed(lambda: multi_routing(rows, xs), iters)
+    graphs = {name: capture(fn)[0] for name, fn in
+              (("ours", ours), ("single", single), ("loop", loop), ("base", base), ("route", lambda: multi_routing(rows, xs)))}
+    g = interleaved_ms({name: graph.replay for name, graph in graphs.items()}, rounds=iters)
+    del graphs
     if profile:
         print_kernel_times(name, ours)
+    if profile_single:  # the same for every setup (8192 tokens, r=64): printed once
+        print_kernel_times("single adapter r=64", single)
     return {"name": name, "eager_t": t, "graph_t": g}
 
 
@@ -281,7 +272,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print per-kernel GPU times of ours per setup")
+    parser.add_argument("--profile", action="store_true", help="print per-kernel GPU times of ours per setup (and of single once)")
     args = parser.parse_args()
     t0 = time.time()
     ok = checks() if args.check else True
@@ -292,9 +283,9 @@ def main() -> None:
         assert sum(counts16) == 8192
         setups += [("16 adapters r{8..64}", counts16, RANKS4 * 4), ("64 adapters x 128 tok", (128,) * 64, RANKS4 * 16)]
     rows = []
-    for setup in setups:
+    for i, setup in enumerate(setups):
         try:
-            rows.append(bench(*setup, iters, profile=args.profile))
+            rows.append(bench(*setup, iters, profile=args.profile, profile_single=args.profile and i == 0))
             print(f"[{time.time() - t0:5.0f} s] {setup[0]}: graphed ms {rows[-1]['graph_t']}", flush=True)
         except Exception:
             import traceback

@@ -162,10 +162,14 @@ def _tma_rows(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-MULTI_BLOCK_R = {"base_expand": 64, "dx": 16}
-"""Multi-adapter rank chunk of the low-rank prologue per kernel (capped at the rank bucket).
-H100, 8192x4096x4096, r=64 (graphed ms): base_expand 0.406 at 16, 0.390 at 64; dx 0.429 at 16,
-0.434 at 64 (44 spilled registers: its dropout-mask epilogue needs more of them)."""
+LOWRANK_BLOCK_R = {("base_expand", False): 32, ("dx", False): 32, ("base_expand", True): 64, ("dx", True): 16}
+"""Rank chunk of the low-rank prologue per (kernel, multi-adapter), capped at the rank bucket.
+H100, 8192x4096x4096, p=0.1, whole op forward+backward, graphed, variants replayed in interleaved
+rounds (ms): single r=64 1.103 with chunks of 64 (no 128x256 persistent config fits in shared
+memory next to the TMA-store staging tile: the tuner fell back to 128x128 / 256x128 tiles), 1.032
+at 32, 1.071 at 16; single r=128 1.230 at 64, 1.228 at 32. Multi-adapter (base_expand, dx) at
+4 adapters r 8..64: (64, 16) 1.080, (32, 16) 1.103, (32, 32) 1.114, (16, 16) 1.114; 64 adapters x
+128 tokens: (64, 16) 1.236, (32, 16) 1.271, (32, 32) 1.259 (multi dx at 64: 44 spilled registers)."""
 
 
 def _lowrank_gemm(
@@ -195,7 +199,7 @@ def _lowrank_gemm(
     wm = low_l if weight is None else (weight.t() if kernel_name == "base_expand" else weight)
     low_r_strides = (0, 0) if multi else low_r.stride()
     bias_ = bias if bias is not None else out
-    block_r = min(rb, MULTI_BLOCK_R[kernel_name] if multi else 64)
+    block_r = min(rb, LOWRANK_BLOCK_R[kernel_name, multi])
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         grid = (grid_programs(cfg, cdiv(m, cfg["BLOCK_M"]) * cdiv(p, cfg["BLOCK_P"]), out.device),)

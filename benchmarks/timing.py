@@ -1,0 +1,90 @@
+"""Interleaved timing: the variants of one comparison are timed in rounds, one call each per round.
+
+Timing variant A fully and then variant B puts them under different GPU clocks: on an H100 the
+same cuBLAS GEMM measured 347 µs early in a process and 373-380 µs once the GPU had warmed up
+(2026-11-23). A ratio of two variants timed one after the other then carries that drift. Called
+round-robin, every variant sees the same mix of clocks, and each keeps its median.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+__all__ = ["CudaEventTimer", "Timer", "WallTimer", "interleaved_ms"]
+
+
+class Timer(Protocol):
+    """Brackets one call; ``elapsed_ms`` is read after every call of the run was issued."""
+
+    def start(self) -> Any: ...
+    def stop(self, started: Any) -> Any: ...
+    def elapsed_ms(self, stopped: Any) -> float: ...
+    def wait(self) -> None: ...
+
+
+class CudaEventTimer:
+    """CUDA events around each call: GPU time of the work queued between them, no host sync per call."""
+
+    def start(self) -> Any:
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started: Any) -> Any:
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return started, event
+
+    def elapsed_ms(self, stopped: Any) -> float:
+        start, end = stopped
+        return start.elapsed_time(end)
+
+    def wait(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class WallTimer:
+    """Host wall-clock time around each call (CPU runs and tests)."""
+
+    def start(self) -> float:
+        return time.perf_counter()
+
+    def stop(self, started: float) -> float:
+        return (time.perf_counter() - started) * 1e3
+
+    def elapsed_ms(self, stopped: float) -> float:
+        return stopped
+
+    def wait(self) -> None:
+        pass
+
+
+def interleaved_ms(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: int = 3,
+                   timer: Timer | None = None) -> dict[str, float]:
+    """Median milliseconds per call of every entry of ``calls``, called round-robin.
+
+    Each of ``warmup + rounds`` rounds calls every entry once, in the mapping's order; the first
+    ``warmup`` rounds are not timed. ``timer`` defaults to CUDA events.
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    timer = CudaEventTimer() if timer is None else timer
+    marks: dict[str, list[Any]] = {name: [] for name in calls}
+    for i in range(warmup + rounds):
+        for name, call in calls.items():
+            started = timer.start()
+            call()
+            stopped = timer.stop(started)
+            if i >= warmup:
+                marks[name].append(stopped)
+    timer.wait()
+    return {name: statistics.median(timer.elapsed_ms(m) for m in ms) for name, ms in marks.items()}

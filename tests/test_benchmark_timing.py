@@ -1,0 +1,68 @@
+"""CPU tests of benchmarks/timing.py: round-robin order, warm-up exclusion, drift cancellation."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("bench_timing", Path(__file__).resolve().parents[1] / "benchmarks" / "timing.py")
+timing = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(timing)
+
+
+class DriftClock:
+    """Fake timer: a call of variant v 'takes' cost[v] * (1 + drift * n) ms, n = calls so far
+    (a GPU whose clock slows down steadily over the run)."""
+
+    def __init__(self, cost: dict[str, float], drift: float):
+        self.cost, self.drift, self.n, self.current, self.order = cost, drift, 0, None, []
+
+    def call(self, name: str):
+        def run():
+            self.current = name
+            self.order.append(name)
+        return run
+
+    def start(self):
+        return None
+
+    def stop(self, started):
+        took = self.cost[self.current] * (1 + self.drift * self.n)
+        self.n += 1
+        return took
+
+    def elapsed_ms(self, stopped):
+        return stopped
+
+    def wait(self):
+        pass
+
+
+def test_round_robin_order_and_warmup_excluded():
+    clock = DriftClock({"a": 1.0, "b": 2.0, "c": 3.0}, drift=0.0)
+    out = timing.interleaved_ms({n: clock.call(n) for n in "abc"}, rounds=4, warmup=2, timer=clock)
+    assert clock.order == list("abc") * 6
+    assert out == {"a": 1.0, "b": 2.0, "c": 3.0}
+
+
+def test_interleaving_cancels_clock_drift():
+    cost = {"base": 1.0, "ours": 1.1}
+    clock = DriftClock(cost, drift=0.005)
+    out = timing.interleaved_ms({n: clock.call(n) for n in cost}, rounds=21, warmup=3, timer=clock)
+    assert out["ours"] / out["base"] == pytest.approx(1.1, abs=0.006)
+    # the same drift, the variants timed one after the other: the ratio is off by ~10%
+    seq = DriftClock(cost, drift=0.005)
+    one_by_one = {n: timing.interleaved_ms({n: seq.call(n)}, rounds=21, warmup=3, timer=seq)[n] for n in cost}
+    assert one_by_one["ours"] / one_by_one["base"] > 1.1 * 1.09
+
+
+def test_wall_timer_measures_host_time():
+    out = timing.interleaved_ms({"sleep": lambda: __import__("time").sleep(0.002)}, rounds=3, warmup=0,
+                                timer=timing.WallTimer())
+    assert 1.5 <= out["sleep"] <= 50.0
+
+
+@pytest.mark.parametrize("rounds, warmup", [(0, 3), (5, -1)])
+def test_bad_rounds_rejected(rounds, warmup):
+    with pytest.raises(ValueError, match=f"rounds={rounds}, warmup={warmup}"):
+        timing.interleaved_ms({"a": lambda: None}, rounds=rounds, warmup=warmup, timer=timing.WallTimer())
