@@ -8,6 +8,8 @@ Variants, each timed in this one process on the same shapes:
   ours       torch.compile(peft_model, backend="lorafusion"), PEFT defaults
   ours-bf16  the same with bf16 adapters
   ours+cg    ours with options={"cudagraphs": True} (CUDA-graph replay, no per-launch host cost)
+  ours+share, ours+share+cg  ours (+cg) with options={"share_inputs": True}: sites without dropout
+             that read one x (q/k/v, gate/up) share one op (one shrink and one dA per group)
 
 Each step: fresh random tokens, forward, loss, backward, gradients set to None (as
 ``zero_grad()`` does; no optimizer: its cost is the same for all LoRA variants and zero for the
@@ -139,7 +141,8 @@ def main() -> None:
                 for layer in model.base_model.model.model.layers:
                     layer.compile()
             elif variant.startswith("ours"):
-                model = torch.compile(model, backend="lorafusion", options={"cudagraphs": graphs})
+                options = {"cudagraphs": graphs, "share_inputs": variant.startswith("ours+share")}
+                model = torch.compile(model, backend="lorafusion", options=options)
         params = [q for q in model.parameters() if q.requires_grad]
         step = make_step(model, embed, params, graphs=graphs)
         ms, gib = time_steps(step, tokens=args.tokens, seq=args.seq, steps=args.steps, warmup=args.warmup)
@@ -156,10 +159,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"\nLLaMa-3.1-8B shape, {args.layers} layers, {args.tokens} tokens/step, r=16 on 7 projections, bf16, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'p':>4} {'variant':<10} {'ms/step':>9} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9}")
+    print(f"{'p':>4} {'variant':<13} {'ms/step':>9} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9}")
     for r in results:
         p = "-" if r["p"] is None else r["p"]
-        print(f"{p:>4} {r['variant']:<10} {r['ms']:>9.2f} {r['tokens_per_s']:>10.0f} {r['floor_ratio']:>8.3f} {r['peak_gib']:>9.2f}")
+        print(f"{p:>4} {r['variant']:<13} {r['ms']:>9.2f} {r['tokens_per_s']:>10.0f} {r['floor_ratio']:>8.3f} {r['peak_gib']:>9.2f}")
     from lorafusion_compiler.codegen.autotune import tuned_choices
     for (kernel, spec, m_bucket, dims), cfg in sorted(tuned_choices().items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3])):
         print(f"tuned {kernel:11s} M~{m_bucket} {dims} [{spec}]: {cfg.describe()}")  # spec: e.g. tma1 = TMA loads

@@ -4,7 +4,9 @@
 the ``torch_dynamo_backends`` entry point. Per Dynamo graph it:
 
 1. matches LoRA sites (``passes.lora_pattern``),
-2. rewrites them into ``torch.ops.lorafusion.lora_linear`` (``passes.rewrite``),
+2. rewrites them into ``torch.ops.lorafusion.lora_linear`` (``passes.rewrite``); with the
+   ``share_inputs`` option, sites without dropout that read one x into one
+   ``lora_linear_shared`` (``passes.shared_input``),
 3. reports them (``report``) and optionally dumps kernel sources (``dump``),
 4. hands the rewritten graph to the inner backend (Inductor by default; its on-disk graph
    cache key includes our op schemas, ``passes.cache_salt``).
@@ -22,6 +24,7 @@ from .config import LoRAFusionConfig
 from .passes.lora_pattern import find_lora_sites
 from .passes.multi_kernels import select_multi_kernels
 from .passes.rewrite import rewrite_lora_sites
+from .passes.shared_input import shared_input_groups
 from .report import publish
 
 __all__ = ["lorafusion_backend", "kernel_set_for"]
@@ -56,15 +59,17 @@ def lorafusion_backend(
     config = LoRAFusionConfig.from_options(options)
     result = find_lora_sites(gm)
     kernels = [kernel_set_for(s.nodes.x.meta.get("example_value"), s.adapter_dtype, config) for s in result.sites]
+    groups = shared_input_groups(gm.graph, result.sites, kernels) if config.rewrite and config.share_inputs else []
     if config.rewrite and result.sites:
-        rewrite_lora_sites(gm, result.sites, kernels, deterministic=config.deterministic)
+        rewrite_lora_sites(gm, result.sites, kernels, deterministic=config.deterministic, groups=groups)
     if config.rewrite:
         select_multi_kernels(gm, lambda x, a: kernel_set_for(x, None if a is None else a.dtype, config))
-    publish(result.sites, result.skipped, kernels)
+    publish(result.sites, result.skipped, kernels, [[result.sites[i].module_path for i in g] for g in groups])
     if config.dump_dir:
         from .dump import dump_kernels
 
-        dump_kernels(config.dump_dir, result.sites, kernels, deterministic=config.deterministic)
+        shared_rank = {i: sum(result.sites[j].rank for j in g) for g in groups for i in g}
+        dump_kernels(config.dump_dir, result.sites, kernels, deterministic=config.deterministic, shared_rank=shared_rank)
     if config.inner_backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
 

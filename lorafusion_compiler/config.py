@@ -51,12 +51,18 @@ class LoRAFusionConfig:
     outputs of one step are overwritten by the next: clone what you keep (e.g. ``loss.item()``
     or ``loss.detach().clone()``) and zero gradients with ``set_to_none=True``."""
 
+    share_inputs: bool = False
+    """Experimental. LoRA sites without dropout that read the same input (a block's q/k/v, and
+    gate/up) become one ``lorafusion::lora_linear_shared`` op: their A matrices are stacked so
+    one shrink and one dA kernel read x once for all of them instead of once per site. Same
+    results as separate sites; not yet timed on a GPU, hence off by default."""
+
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={self.kernels!r} is not one of {KERNEL_CHOICES}")
         if not isinstance(self.inner_backend, str) or not self.inner_backend:
             raise ValueError(f"inner_backend={self.inner_backend!r} must be a backend name such as 'inductor'")
-        for name in ("rewrite", "deterministic", "cudagraphs"):
+        for name in ("rewrite", "deterministic", "cudagraphs", "share_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if self.cudagraphs and self.inner_backend != "inductor":

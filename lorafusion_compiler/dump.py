@@ -3,13 +3,17 @@
 Layout: ``<dump_dir>/<spec key>/<kernel>.py`` (one file per generated Triton kernel,
 byte-identical to what is compiled) and ``<dump_dir>/manifest.json``: one entry per
 matched site with its module path, kernel set, specialization key and kernel files.
-Sites on the torch kernel set have no generated source; the manifest says so.
+Sites on the torch kernel set have no generated source; the manifest says so. A site of a
+shared-input group (``share_inputs``) runs the group's shrink and dA, specialised for the
+group's total rank: its entry names those files and the ``shared_rank``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from .passes.lora_pattern import LoRASite
@@ -45,13 +49,33 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def dump_kernels(dump_dir: str | os.PathLike, sites: list[LoRASite], kernels: list[str], *, deterministic: bool = False) -> Path:
-    """Write sources and append the sites to ``manifest.json`` in ``dump_dir``; returns the manifest path."""
+def _write_sources(root: Path, spec, names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Write the kernel sources of ``spec`` (all it needs, or ``names``) under ``root/<spec key>/``;
+    kernel name -> relative path."""
+    from .codegen import kernel_sources
+
+    folder = root / spec.key
+    folder.mkdir(exist_ok=True)
+    files = {}
+    for name, source in kernel_sources(spec).items():
+        if names is not None and name not in names:
+            continue
+        _write(folder / f"{name}.py", source)
+        files[name] = f"{spec.key}/{name}.py"
+    return files
+
+
+def dump_kernels(dump_dir: str | os.PathLike, sites: list[LoRASite], kernels: list[str], *, deterministic: bool = False,
+                 shared_rank: Mapping[int, int] | None = None) -> Path:
+    """Write sources and append the sites to ``manifest.json`` in ``dump_dir``; returns the manifest path.
+
+    ``shared_rank``: site index -> total rank of its shared-input group (module docstring)."""
+    shared_rank = shared_rank or {}
     root = Path(dump_dir)
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"sites": []}
-    for site, kernel_set in zip(sites, kernels, strict=True):
+    for i, (site, kernel_set) in enumerate(zip(sites, kernels, strict=True)):
         entry = {
             "module_path": site.module_path,
             "kernels": kernel_set,
@@ -62,15 +86,14 @@ def dump_kernels(dump_dir: str | os.PathLike, sites: list[LoRASite], kernels: li
             "fused_base": site.fused_base,
         }
         if kernel_set == "triton":
-            from .codegen import kernel_sources
+            from .codegen import rank_bucket
 
             spec = spec_for_site(site, deterministic=deterministic)
-            folder = root / spec.key
-            folder.mkdir(exist_ok=True)
-            files = {}
-            for name, source in kernel_sources(spec).items():
-                _write(folder / f"{name}.py", source)
-                files[name] = f"{spec.key}/{name}.py"
+            files = _write_sources(root, spec)
+            if i in shared_rank:  # the group's one shrink and dA, at the group's total rank
+                group_spec = dataclasses.replace(spec, rank_bucket=rank_bucket(shared_rank[i]))
+                files.update(_write_sources(root, group_spec, ("shrink", "da")))
+                entry.update(shared_rank=shared_rank[i])
             entry.update(specialization=spec.key, files=files)
         else:
             entry.update(specialization=None, files={}, note="torch reference ops (lorafusion_compiler/ops/reference.py); no generated source")

@@ -28,6 +28,8 @@ class ExplainReport:
     skipped: list[SkippedLinear] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)
     """Kernel set used for each matched site (``"triton"`` or ``"torch"``)."""
+    shared: list[list[str]] = field(default_factory=list)
+    """Module paths of each group of sites rewritten into one shared-input op (``share_inputs``)."""
     graphs: int = 0
     """Number of FX graphs the backend compiled (more than one means graph breaks)."""
 
@@ -52,6 +54,8 @@ class ExplainReport:
                     )
                 )
             lines += _table(rows)
+        for group in self.shared:
+            lines.append(f"  one shared-input op (x read once by shrink and dA): {', '.join(group)}")
         if self.skipped:
             lines.append("left alone:")
             lines += _table([("module", "reason")] + [(s.module_path or "<root>", s.reason) for s in self.skipped])
@@ -78,10 +82,11 @@ def collect_reports() -> Iterator[ExplainReport]:
         _COLLECTORS.remove(report)
 
 
-def publish(sites: list[LoRASite], skipped: list[SkippedLinear], kernels: list[str]) -> None:
-    """Called by the backend once per compiled graph."""
+def publish(sites: list[LoRASite], skipped: list[SkippedLinear], kernels: list[str], shared: list[list[str]] = ()) -> None:
+    """Called by the backend once per compiled graph (``shared``: module paths of each shared-input group)."""
     for report in _COLLECTORS:
         report.matched += sites
+        report.shared += [list(g) for g in shared]
         report.skipped += skipped
         report.kernels += kernels
         report.graphs += 1

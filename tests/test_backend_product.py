@@ -159,7 +159,8 @@ def test_inductor_cache_key_follows_our_op_schemas(monkeypatch):
     from lorafusion_compiler.passes.cache_salt import SchemaSalt
 
     names = {str(s).split("(")[0] for s in torch._C._jit_get_all_schemas() if s.name.startswith("lorafusion::")}
-    assert names == {"lorafusion::lora_linear", "lorafusion::lora_linear_backward", "lorafusion::multi_lora_linear",
+    assert names == {"lorafusion::lora_linear", "lorafusion::lora_linear_backward", "lorafusion::lora_linear_shared",
+                     "lorafusion::lora_linear_shared_backward", "lorafusion::multi_lora_linear",
                      "lorafusion::multi_lora_linear_backward", "lorafusion::multi_routing"}
     before = SchemaSalt().uuid()
     real = torch._C._jit_get_all_schemas()

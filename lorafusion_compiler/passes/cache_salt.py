@@ -15,6 +15,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..ops import lora_linear as _lora_ops  # noqa: F401  (registers the ops whose schemas are hashed)
+from ..ops import lora_linear_shared as _shared_ops  # noqa: F401
 from ..ops import multi_lora_linear as _multi_ops  # noqa: F401
 from ..ops import multi_routing as _routing_ops  # noqa: F401
 
