@@ -55,7 +55,8 @@ class LoRAFusionConfig:
     """Experimental. LoRA sites without dropout that read the same input (a block's q/k/v, and
     gate/up) become one ``lorafusion::lora_linear_shared`` op: their A matrices are stacked so
     one shrink and one dA kernel read x once for all of them instead of once per site. Same
-    results as separate sites; not yet timed on a GPU, hence off by default."""
+    results as separate sites; on an H100 it has not yet been faster (docs/backend.md), hence
+    off by default."""
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_CHOICES:
