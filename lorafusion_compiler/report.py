@@ -7,7 +7,7 @@ The backend appends one entry per compiled graph to every active collector
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .passes.lora_pattern import LoRASite, SkippedLinear
@@ -82,7 +82,7 @@ def collect_reports() -> Iterator[ExplainReport]:
         _COLLECTORS.remove(report)
 
 
-def publish(sites: list[LoRASite], skipped: list[SkippedLinear], kernels: list[str], shared: list[list[str]] = ()) -> None:
+def publish(sites: list[LoRASite], skipped: list[SkippedLinear], kernels: list[str], shared: Sequence[Sequence[str]] = ()) -> None:
     """Called by the backend once per compiled graph (``shared``: module paths of each shared-input group)."""
     for report in _COLLECTORS:
         report.matched += sites
