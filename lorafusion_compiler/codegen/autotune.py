@@ -176,10 +176,15 @@ def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: i
     limit = int(os.environ.get("LORAFUSION_TUNE_MAX", "0") or 0)
     if limit > 0:  # quick tuning (benchmark scripts): only the first ``limit`` candidates
         candidates = candidates[:limit]
-    if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
-        # nothing to choose, or no timing allowed inside a graph capture: the first config that fits
-        # (not cached: a later call outside a capture still tunes)
-        return _first_that_fits(configs(kernel, rank_bucket), launch)
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if len(candidates) == 1 or capturing:
+        # nothing to choose, or no timing allowed inside a graph capture: the first config that fits;
+        # kept when there was nothing to choose (a later call then skips the configs that did not
+        # fit), not inside a capture (a later call outside it still tunes)
+        cfg, result = _first_that_fits(configs(kernel, rank_bucket), launch)
+        if not capturing:
+            _CHOICES[key] = cfg
+        return result
     timings = [float("inf")] * len(candidates)
     for _ in range(TUNE_ROUNDS):
         for i, cfg in enumerate(candidates):
@@ -237,15 +242,16 @@ _SPIN_HZ = 2.0e9
 spins longer, which only delays the timed groups)."""
 
 
-def _first_that_fits(candidates: Sequence[TileConfig], launch: Callable[[TileConfig], Any]) -> Any:
-    """Result of the first candidate whose launch does not run out of shared memory or registers
-    (Triton checks before anything runs, so a failed try has no effect); re-raises the last error."""
+def _first_that_fits(candidates: Sequence[TileConfig], launch: Callable[[TileConfig], Any]) -> tuple[TileConfig, Any]:
+    """(config, result) of the first candidate whose launch does not run out of shared memory or
+    registers (Triton checks before anything runs, so a failed try has no effect); re-raises the
+    last error."""
     from triton.runtime.errors import OutOfResources
 
     error: OutOfResources | None = None
     for cfg in candidates:
         try:
-            return launch(cfg)
+            return cfg, launch(cfg)
         except OutOfResources as exc:
             error = exc
     raise error

@@ -19,7 +19,8 @@ def test_first_config_that_fits_is_used():
             raise OutOfResources(245760, 232448, "shared memory")
         return f"ran with {cfg['BLOCK_M']}"
 
-    assert _first_that_fits([_cfg(256), _cfg(128), _cfg(64), _cfg(32)], launch) == "ran with 64"
+    cands = [_cfg(256), _cfg(128), _cfg(64), _cfg(32)]
+    assert _first_that_fits(cands, launch) == (cands[2], "ran with 64")
     assert tried == [256, 128, 64]
 
 
@@ -70,6 +71,31 @@ def test_tuner_keeps_each_candidates_best_round(monkeypatch):
     result, timed = _tune_with_timings(monkeypatch, {32: [1.0, 1.0], 64: [1.5, 0.8], 128: [0.9, 0.95]})
     assert result == 64
     assert timed == [32, 64, 128, 32, 64, 128]  # interleaved rounds
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_single_candidate_fallback_is_kept_outside_a_capture(monkeypatch, capturing):
+    """With one candidate (LORAFUSION_TUNE_MAX=1) the first config that fits is kept, so later calls
+    do not retry the ones that did not fit; inside a CUDA-graph capture nothing is kept."""
+    from lorafusion_compiler.codegen import autotune
+
+    cands = (_cfg(128), _cfg(64))
+    monkeypatch.setattr(autotune, "configs", lambda kernel, rb: cands)
+    monkeypatch.setattr(autotune, "_CHOICES", {})
+    monkeypatch.setattr(autotune.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(autotune.torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    monkeypatch.setenv("LORAFUSION_TUNE_MAX", "1")
+    tried = []
+
+    def launch(cfg):
+        tried.append(cfg["BLOCK_M"])
+        if cfg["BLOCK_M"] > 64:
+            raise OutOfResources(245760, 232448, "shared memory")
+        return cfg["BLOCK_M"]
+
+    assert [autotune.run_tuned("da", "key", (1000, 16), 16, launch) for _ in range(3)] == [64, 64, 64]
+    assert tried == ([128, 64] * 3 if capturing else [128, 64, 64, 64])
+    assert list(autotune.tuned_choices().values()) == ([] if capturing else [cands[1]])
 
 
 def test_tuner_skips_a_candidate_that_does_not_fit_in_later_rounds(monkeypatch):
