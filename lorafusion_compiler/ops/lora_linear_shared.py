@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .kernel_set import get_kernel_set
-from .lora_linear import check_lora_inputs
+from .lora_linear import _new_seed, check_lora_inputs
 
 __all__ = ["lora_linear_shared", "lora_linear_shared_backward"]
 
@@ -39,11 +39,6 @@ def _check_shared(x: Tensor, weights, biases, lora_as, lora_bs, scales) -> None:
         if lora_as[i].dtype != lora_as[0].dtype:
             raise ValueError(f"site {i} has {lora_as[i].dtype} adapters but site 0 has {lora_as[0].dtype}; "
                              "sites sharing one op need one adapter dtype")
-
-
-def _no_seed(x: Tensor) -> Tensor:
-    """The seed argument of the kernels; never read without dropout (not initialised: no launch)."""
-    return torch.empty((), dtype=torch.int64, device=x.device)
 
 
 @torch.library.custom_op("lorafusion::lora_linear_shared", mutates_args=())
@@ -62,13 +57,10 @@ def lora_linear_shared(
     _check_shared(x, weights, biases, lora_as, lora_bs, scales)
     impl = get_kernel_set(kernels)
     x2 = x.reshape(-1, x.shape[-1])
-    s_all = impl.shrink(x2, torch.cat(lora_as), _no_seed(x), 0.0)
-    ys, start = [], 0
-    for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales):
-        r = a.shape[0]
-        y = impl.base_expand(x2, w, b, s_all[:, start:start + r], lb, s, out_dtype)
-        ys.append(y.reshape(*x.shape[:-1], lb.shape[0]))
-        start += r
+    s_all = impl.shrink(x2, torch.cat(lora_as), _new_seed(x, 0.0), 0.0)
+    s_sites = s_all.split([a.shape[0] for a in lora_as], dim=1)
+    ys = [impl.base_expand(x2, w, b, s_i, lb, s, out_dtype).reshape(*x.shape[:-1], lb.shape[0])
+          for w, b, s_i, lb, s in zip(weights, biases, s_sites, lora_bs, scales)]
     return ys, s_all
 
 
@@ -95,14 +87,13 @@ def lora_linear_shared_backward(
     """Returns (dX [..., K] or an empty tensor when ``needs_dx`` is False, [dA_1; ...; dA_G] [Σr, K], [dB_i])."""
     impl = get_kernel_set(kernels)
     x2 = x.reshape(-1, x.shape[-1])
-    seed = _no_seed(x)
-    d_s, d_b, start = [], [], 0
-    for dy, lb, s in zip(dys, lora_bs, scales):
-        r = lb.shape[1]
-        ds_i, db_i = impl.ds_db(dy.reshape(-1, dy.shape[-1]), lb, s_all[:, start:start + r], s, deterministic=deterministic)
+    seed = _new_seed(x, 0.0)
+    s_sites = s_all.split([lb.shape[1] for lb in lora_bs], dim=1)
+    d_s, d_b = [], []
+    for dy, lb, s_i, s in zip(dys, lora_bs, s_sites, scales):
+        ds_i, db_i = impl.ds_db(dy.reshape(-1, dy.shape[-1]), lb, s_i, s, deterministic=deterministic)
         d_s.append(ds_i)
         d_b.append(db_i)
-        start += r
     d_a = impl.da(x2, torch.cat(d_s, dim=1), seed, 0.0, lora_as[0].dtype, deterministic=deterministic)
     if not needs_dx:
         return x.new_empty(0), d_a, d_b
