@@ -206,8 +206,9 @@ def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_
 
 def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx,
                    *, deterministic: bool = False, routing: torch.Tensor | None = None):
-    """(dX [M, K] (empty unless ``needs_dx``), packed dA, packed dB), both fp32: the adapters'
-    gradients flattened in adapter order (dA_i [r_i, K], dB_i [N, r_i]; see ``unpack_grads``).
+    """(dX [M, K] (empty unless ``needs_dx``), packed dA, packed dB): the adapters' gradients
+    flattened in adapter order (dA_i [r_i, K], dB_i [N, r_i]; see ``unpack_grads``). dB is fp32;
+    dA is fp32 when programs share an adapter's block (atomics), else in the adapters' dtype.
     Adapters without rows get zeros."""
     n, ranks, rs, rb, adapter_rows, lora_a, lora_b, aligned = _common(
         x2, lora_a, lora_b, scales, dropout_ps, adapter_rows, seeds)
@@ -266,7 +267,10 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
         want = _split(t, k_blocks, dev, cfg)
         chunk = t if deterministic or n >= want else cdiv(t, want)
         chunks = cdiv(t, chunk)
-        out = torch.zeros(da_off[-1], dtype=torch.float32, device=dev)
+        if chunks == 1:  # every element stored once, in the adapters' dtype: no zero fill, no cast
+            out = torch.empty(da_off[-1], dtype=a_dtype, device=dev)
+        else:
+            out = torch.zeros(da_off[-1], dtype=torch.float32, device=dev)
         _launch(kernel, (k_blocks, chunks, n),
                 (x2, d_s, seeds, out, bits if bits is not None else out, m, k, 0, 0, 1.0, 0, *x2.stride(), *d_s.stride(),
                  k, 1, pieces, spans, itab, ftab, chunk),

@@ -125,6 +125,36 @@ def test_multi_da_chunks_of_any_size(split, device, monkeypatch):
     assert max(_rel(d_a[i].cpu(), dar[i]) for i in (0, 1, 3)) <= 1e-5
 
 
+def test_multi_da_one_chunk_writes_every_element(device, monkeypatch):
+    """With one chunk (one program per adapter and column block) dA is stored in the adapters' dtype
+    into an unfilled buffer: every element must be written, zeros for the adapter without rows.
+    Uninitialised float buffers are NaN-filled here, so an element left unwritten shows."""
+    from lorafusion_compiler.codegen import multi as multi_module
+
+    monkeypatch.setattr(multi_module, "_split", lambda blocks, other, dev, cfg: 1)
+    empty = torch.empty
+
+    def nan_empty(*shape, dtype=None, device=None, **kw):
+        t = empty(*shape, dtype=dtype, device=device, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    x, w, b, la, lb, scales, ps, rows, seeds, dy = _problem(
+        200, 64, 40, (5, 24, 1, 16), (3, 40, 0, 150), (37, 70, 0, 50), (0.25, 0.0, 0.25, 0.25), torch.float16)
+    x, w, dy, rows, seeds = (t.to(device) for t in (x, w, dy, rows, seeds))
+    la, lb = [a.to(device, torch.float16) for a in la], [t.to(device, torch.float16) for t in lb]
+    _, s_act = K.multi_forward(x, w, None, la, lb, scales, ps, rows, seeds, torch.float16)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    _, packed_a, _ = K.multi_backward(dy, x, w, la, lb, s_act, seeds, rows, scales, ps, False)
+    monkeypatch.setattr(torch, "empty", empty)
+    assert packed_a.dtype == torch.float16  # stored directly, no fp32 buffer and cast
+    d_a = unpack_grads(packed_a, la)
+    _, _, _, dar, _ = reference(x.cpu().float(), w.cpu().float(), None, [a.cpu().float() for a in la],
+                                [t.cpu().float() for t in lb], scales, ps, rows.cpu(), seeds.cpu(), dy.cpu().float())
+    assert not packed_a.isnan().any()
+    assert d_a[2].abs().sum() == 0  # the adapter without rows
+    assert max(_rel(d_a[i].cpu().float(), dar[i]) for i in (0, 1, 3)) <= 3e-3
+
+
 def test_multi_deterministic_is_bitwise_repeatable(device):
     x, w, b, la, lb, scales, ps, rows, seeds, dy = _problem(
         170, 64, 48, (5, 24, 1), (0, 37, 120), (37, 70, 50), (0.25, 0.0, 0.25), torch.float32)
