@@ -213,7 +213,7 @@ def _lowrank_gemm(
                 (xa, wa, bias_, low_l, low_l if multi else low_r, oa, seed, bits if bits is not None else out,
                  m, p, q, r, lscale, threshold,
                  *x.stride(), *wm.stride(), *low_l.stride(), *low_r_strides, *out.stride(),
-                 *(route(cfg) if multi else ())),
+                 bits.stride(0) if bits is not None else 0, *(route(cfg) if multi else ())),
                 cfg, BLOCK_R=block_r)
         return out
 
@@ -314,7 +314,7 @@ def da(
             out = torch.zeros(1, r, k, dtype=torch.float32, device=dev)
         _launch(kernel, (k_blocks, m_split),
                 (x, ds, seed, out, keep_bits if keep_bits is not None else out, m, k, r, threshold, inv_keep, r * k,
-                 *x.stride(), *ds.stride(), k, 1),
+                 *x.stride(), *ds.stride(), k, 1, keep_bits.stride(0) if keep_bits is not None else 0),
                 cfg, BLOCK_R=rb, M_SPLIT=m_split)
         return out
 

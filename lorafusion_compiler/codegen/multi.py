@@ -273,7 +273,7 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
             out = torch.zeros(da_off[-1], dtype=torch.float32, device=dev)
         _launch(kernel, (k_blocks, chunks, n),
                 (x2, d_s, seeds, out, bits if bits is not None else out, m, k, 0, 0, 1.0, 0, *x2.stride(), *d_s.stride(),
-                 k, 1, pieces, spans, itab, ftab, chunk),
+                 k, 1, bits.stride(0) if bits is not None else 0, pieces, spans, itab, ftab, chunk),
                 cfg, BLOCK_R=rb, M_SPLIT=chunks)
         return out
 
