@@ -138,3 +138,33 @@ def test_explain_and_dump_name_the_group(tmp_path):
             rel = entry["files"][kernel]
             assert rel.startswith(entry["specialization"].replace("-r16-", f"-r{rank_bucket(total)}-")), (name, kernel, rel)
             assert "@triton.jit" in (tmp_path / rel).read_text()
+
+
+def test_dx_sum_is_left_to_the_traced_backward_graph():
+    """The backward op returns each site's share of dX and the sum is traced (G-1 adds in the
+    backward graph), so Inductor can fuse it into dX's consumer as it does for separate sites;
+    summed inside the op it cost unfusable eager adds."""
+    from functorch.compile import aot_function, make_boxed_func
+
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    x, ws, bs, a_s, b_s, scales = _sites(dtype=torch.float32)
+    g = len(a_s)
+
+    def sites(x, *tensors):
+        w, b, a, lb = (list(tensors[i * g:(i + 1) * g]) for i in range(4))
+        return lora_linear_shared(x, w, b, a, lb, scales, torch.float32, "torch", False)[0]
+
+    bs = [b if b is not None else torch.zeros(w.shape[0]) for w, b in zip(ws, bs)]  # aot_function: tensors only
+    ys = aot_function(sites, fw_compiler=keep, bw_compiler=keep)(x, *ws, *bs, *a_s, *b_s)
+    torch.autograd.backward(ys, [torch.randn_like(y) for y in ys])
+    backward = graphs[-1].graph
+    op = torch.ops.lorafusion.lora_linear_shared_backward.default
+    assert sum(node.target is op for node in backward.nodes) == 1
+    adds = [node for node in backward.nodes if node.target is torch.ops.aten.add.Tensor]
+    assert len(adds) == g - 1, backward
+    assert adds[-1] in backward.output_node().args[0], backward  # the sum is x's gradient
