@@ -10,6 +10,8 @@ Variants, each timed in this one process on the same shapes:
   ours+cg    ours with options={"cudagraphs": True} (CUDA-graph replay, no per-launch host cost)
   ours+share, ours+share+cg  ours (+cg) with options={"share_inputs": True}: sites without dropout
              that read one x (q/k/v, gate/up) share one op (one shrink and one dA per group)
+  ours+ovl, ours+ovl+cg, ours+share+ovl+cg  ... with options={"overlap_backward": True}: each
+             site's dA runs on a second CUDA stream beside its dX GEMM
 
 Each step: fresh random tokens, forward, loss, backward, gradients set to None (as
 ``zero_grad()`` does; no optimizer: its cost is the same for all LoRA variants and zero for the
@@ -141,7 +143,8 @@ def main() -> None:
                 for layer in model.base_model.model.model.layers:
                     layer.compile()
             elif variant.startswith("ours"):
-                options = {"cudagraphs": graphs, "share_inputs": variant.startswith("ours+share")}
+                options = {"cudagraphs": graphs, "share_inputs": variant.startswith("ours+share"),
+                           "overlap_backward": "+ovl" in variant}
                 model = torch.compile(model, backend="lorafusion", options=options)
         params = [q for q in model.parameters() if q.requires_grad]
         step = make_step(model, embed, params, graphs=graphs)

@@ -61,7 +61,8 @@ def lorafusion_backend(
     kernels = [kernel_set_for(s.nodes.x.meta.get("example_value"), s.adapter_dtype, config) for s in result.sites]
     groups = shared_input_groups(gm.graph, result.sites, kernels) if config.rewrite and config.share_inputs else []
     if config.rewrite and result.sites:
-        rewrite_lora_sites(gm, result.sites, kernels, deterministic=config.deterministic, groups=groups)
+        rewrite_lora_sites(gm, result.sites, kernels, deterministic=config.deterministic,
+                           overlap_backward=config.overlap_backward, groups=groups)
     if config.rewrite:
         select_multi_kernels(gm, lambda x, a: kernel_set_for(x, None if a is None else a.dtype, config))
     publish(result.sites, result.skipped, kernels, [[result.sites[i].module_path for i in g] for g in groups])

@@ -58,12 +58,19 @@ class LoRAFusionConfig:
     results as separate sites; on an H100 it has not yet been faster (docs/backend.md), hence
     off by default."""
 
+    overlap_backward: bool = False
+    """Experimental. On a GPU, each LoRA site's backward runs its memory-bound dA kernel on a
+    second CUDA stream beside its dX GEMM (and dX regenerates the dropout mask instead of reading
+    dA's keep bits). Same results; faster per layer on an H200, not yet measurably faster in the
+    8-layer training step (docs/backend.md), hence off by default. Single-adapter and
+    ``share_inputs`` sites; multi-adapter ops keep one stream."""
+
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={self.kernels!r} is not one of {KERNEL_CHOICES}")
         if not isinstance(self.inner_backend, str) or not self.inner_backend:
             raise ValueError(f"inner_backend={self.inner_backend!r} must be a backend name such as 'inductor'")
-        for name in ("rewrite", "deterministic", "cudagraphs", "share_inputs"):
+        for name in ("rewrite", "deterministic", "cudagraphs", "share_inputs", "overlap_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if self.cudagraphs and self.inner_backend != "inductor":

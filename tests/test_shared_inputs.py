@@ -1,5 +1,7 @@
 """The ``share_inputs`` rewrite: sites without dropout that read one x become one shared op."""
 
+import os
+
 import pytest
 import torch
 from helpers import assert_rel_close, compare_compiled_to_eager
@@ -54,7 +56,11 @@ def _peft_block(p: float) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+_INTERPRETED = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                  reason="Triton kernels on CPU tensors run only in the interpreter (TRITON_INTERPRET=1)")
+
+
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=_INTERPRETED)])
 def test_block_groups_qkv_and_gate_up(kernels):
     _GRAPHS.clear()
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -63,6 +69,18 @@ def test_block_groups_qkv_and_gate_up(kernels):
     assert _groups(report) == [["q", "k", "v", "k"], ["gate", "up"]]
     assert _count(torch.ops.lorafusion.lora_linear_shared.default) == 2
     assert _count(torch.ops.lorafusion.lora_linear.default) == 1  # o reads its own input
+
+
+def test_overlap_backward_option_reaches_every_op():
+    """options={"overlap_backward": True} is an argument of every rewritten op, shared or not; on a CPU
+    (no second stream) the results are those of eager PyTorch."""
+    _GRAPHS.clear()
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    compare_compiled_to_eager(_peft_block(0.0), x, inner_backend="lorafusion_test_keep_graph",
+                              options={"share_inputs": True, "overlap_backward": True})
+    targets = (torch.ops.lorafusion.lora_linear.default, torch.ops.lorafusion.lora_linear_shared.default)
+    ops = [node for gm in _GRAPHS for node in gm.graph.nodes if node.target in targets]
+    assert len(ops) == 3 and all(node.args[-1] is True for node in ops), [node.args[-1] for node in ops]
 
 
 @pytest.mark.parametrize("options, p", [({"share_inputs": True}, 0.1), ({}, 0.0)], ids=["dropout", "option_off"])

@@ -115,8 +115,10 @@ def _configs(kernel: str, rank_bucket: int) -> list[TileConfig]:
     if kernel == "da":
         if big:
             return [_c(4, 3, BLOCK_M=64, BLOCK_K=64), _c(8, 3, BLOCK_M=64, BLOCK_K=128)]
+        # the unpipelined 32x128 tile: at p=0.1 the fastest dA alone and beside dX on H200 (M=4096, µs per
+        # LLaMa-8B layer: 263 vs 301 for the first config alone; docs/kernel-notes.md)
         return [_c(4, 3, BLOCK_M=64, BLOCK_K=128), _c(8, 3, BLOCK_M=128, BLOCK_K=128), _c(8, 3, BLOCK_M=64, BLOCK_K=256),
-                _c(4, 4, BLOCK_M=128, BLOCK_K=64), _c(8, 3, BLOCK_M=256, BLOCK_K=128)]
+                _c(4, 4, BLOCK_M=128, BLOCK_K=64), _c(8, 3, BLOCK_M=256, BLOCK_K=128), _c(4, 1, BLOCK_M=32, BLOCK_K=128)]
     raise ValueError(f"unknown kernel {kernel!r}")
 
 

@@ -2,7 +2,8 @@
 
 Forward  (two kernels):  S = dropout(x) Aᵀ;   y = x Wᵀ + bias + s·S Bᵀ.
 Backward (three kernels): dS, dB from one pass over dY;  dA = dSᵀ x̃;
-                          dX = dY W + m ⊙ (dS A)/(1-p).
+                          dX = dY W + m ⊙ (dS A)/(1-p)  (``overlap_backward``: on a GPU
+                          dA runs beside dX on a second stream, ``side_stream``).
 Saved for backward: x, S [M,r] and the int64 dropout seed — never the mask or x̃.
 
 The op owns its autograd (``register_autograd``), so AOTAutograd and Inductor treat it
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from .dropout_mask import drop_threshold, new_keep_bits
 from .kernel_set import get_kernel_set
+from .side_stream import beside, side_stream
 
 __all__ = ["lora_linear", "lora_linear_backward", "check_lora_inputs"]
 
@@ -76,8 +78,10 @@ def lora_linear(
     out_dtype: torch.dtype,
     kernels: str,
     deterministic: bool,
+    overlap_backward: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """y = x Wᵀ + bias + scale·(dropout(x) Aᵀ) Bᵀ for x [..., K]; returns (y [..., N], S [M, r], seed [])."""
+    """y = x Wᵀ + bias + scale·(dropout(x) Aᵀ) Bᵀ for x [..., K]; returns (y [..., N], S [M, r], seed []).
+    ``overlap_backward`` is for the backward: on a GPU its dA runs beside dX on a second stream."""
     check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
     impl = get_kernel_set(kernels)
     x2 = x.reshape(-1, x.shape[-1])
@@ -88,7 +92,7 @@ def lora_linear(
 
 
 @lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, out_dtype, kernels, deterministic):
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, out_dtype, kernels, deterministic, overlap_backward=False):
     check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
     m = x.numel() // x.shape[-1]
     y = x.new_empty(*x.shape[:-1], lora_b.shape[0], dtype=out_dtype)
@@ -109,36 +113,44 @@ def lora_linear_backward(
     needs_dx: bool,
     kernels: str,
     deterministic: bool,
+    overlap_backward: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dX [..., K] or an empty tensor when ``needs_dx`` is False, dA [r,K], dB [N,r])."""
+    """Returns (dX [..., K] or an empty tensor when ``needs_dx`` is False, dA [r,K], dB [N,r]).
+    ``overlap_backward``: on a GPU dA runs on a second stream beside dX (``side_stream``)."""
     impl = get_kernel_set(kernels)
     dy2 = dy.reshape(-1, dy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     ds, d_b = impl.ds_db(dy2, lora_b, s_act, scale, deterministic=deterministic)
-    bits = new_keep_bits(x2, dropout_p, lora_a.shape[0]) if needs_dx else None  # dA hands its regenerated mask to dX
-    d_a = impl.da(x2, ds, seed, dropout_p, lora_a.dtype, deterministic=deterministic, keep_bits=bits)
     if not needs_dx:
-        return x.new_empty(0), d_a, d_b
-    d_x = impl.dx(dy2, weight, ds, lora_a, seed, dropout_p, x.dtype, keep_bits=bits)
+        return x.new_empty(0), impl.da(x2, ds, seed, dropout_p, lora_a.dtype, deterministic=deterministic), d_b
+    # dA beside dX (side_stream.py): dX regenerates the mask; dA then dX on one stream: dA hands
+    # its regenerated mask to dX as keep bits
+    stream = side_stream(x.device) if overlap_backward else None
+    bits = new_keep_bits(x2, dropout_p, lora_a.shape[0]) if stream is None else None
+    d_a, d_x = beside(
+        stream,
+        lambda: impl.da(x2, ds, seed, dropout_p, lora_a.dtype, deterministic=deterministic, keep_bits=bits),
+        lambda: impl.dx(dy2, weight, ds, lora_a, seed, dropout_p, x.dtype, keep_bits=bits),
+    )
     return d_x.reshape(x.shape), d_a, d_b
 
 
 @lora_linear_backward.register_fake
-def _(dy, x, weight, lora_a, lora_b, s_act, seed, scale, dropout_p, needs_dx, kernels, deterministic):
+def _(dy, x, weight, lora_a, lora_b, s_act, seed, scale, dropout_p, needs_dx, kernels, deterministic, overlap_backward=False):
     d_x = torch.empty_like(x) if needs_dx else x.new_empty(0)
     return d_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scale, dropout_p, _out_dtype, kernels, deterministic = inputs
+    x, weight, _bias, lora_a, lora_b, scale, dropout_p, _out_dtype, kernels, deterministic, overlap_backward = inputs
     _y, s_act, seed = output
     ctx.save_for_backward(x, weight, lora_a, lora_b, s_act, seed)
-    ctx.options = (scale, dropout_p, kernels, deterministic)
+    ctx.options = (scale, dropout_p, kernels, deterministic, overlap_backward)
 
 
 def _backward(ctx, dy, _ds_act, _dseed):
     x, weight, lora_a, lora_b, s_act, seed = ctx.saved_tensors
-    scale, dropout_p, kernels, deterministic = ctx.options
+    scale, dropout_p, kernels, deterministic, overlap_backward = ctx.options
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError(
             "lorafusion.lora_linear treats the base weight and bias as frozen, but one of them requires grad; "
@@ -146,9 +158,12 @@ def _backward(ctx, dy, _ds_act, _dseed):
         )
     needs_dx = ctx.needs_input_grad[0]
     d_x, d_a, d_b = lora_linear_backward(
-        dy, x, weight, lora_a, lora_b, s_act, seed, scale, dropout_p, needs_dx, kernels, deterministic
+        dy, x, weight, lora_a, lora_b, s_act, seed, scale, dropout_p, needs_dx, kernels, deterministic, overlap_backward
     )
-    return (d_x if needs_dx else None), None, None, d_a, d_b, None, None, None, None, None
+    grads = ((d_x if needs_dx else None), None, None, d_a, d_b)
+    # one None per remaining input autograd saw: the dispatcher drops trailing arguments equal to
+    # their defaults (overlap_backward=False), so their number varies
+    return *grads, *[None] * (len(ctx.needs_input_grad) - len(grads))
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)

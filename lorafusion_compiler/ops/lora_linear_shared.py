@@ -8,7 +8,7 @@ shrink and one dA serve them all and x is read once for each instead of once per
     forward   S = x [A_1; ...; A_G]ᵀ                       one shrink,     S [M, Σr]
               y_i = x W_iᵀ + b_i + s_i · S_i B_iᵀ           one base_expand per site (S_i: S's columns of site i)
     backward  dS_i, dB_i from one pass over dY_i             one ds_db per site
-              [dA_1; ...; dA_G] = [dS_1 ... dS_G]ᵀ x        one dA
+              [dA_1; ...; dA_G] = [dS_1 ... dS_G]ᵀ x        one dA (``overlap_backward``: beside the dX GEMMs)
               dX = Σ_i dY_i W_i + dS_i A_i                  one dx per site; the sum is left to the
                                                             traced backward graph (outside this op), so
                                                             Inductor fuses it into dX's consumer as it
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .kernel_set import get_kernel_set
 from .lora_linear import _new_seed, check_lora_inputs
+from .side_stream import beside, side_stream
 
 __all__ = ["lora_linear_shared", "lora_linear_shared_backward"]
 
@@ -57,6 +58,7 @@ def lora_linear_shared(
     out_dtype: torch.dtype,
     kernels: str,
     deterministic: bool,
+    overlap_backward: bool = False,
 ) -> tuple[list[Tensor], Tensor]:
     """y_i = x W_iᵀ + b_i + s_i·(x A_iᵀ) B_iᵀ for G sites reading x [..., K]; returns ([y_i [..., N_i]], S [M, Σr])."""
     _check_shared(x, weights, biases, lora_as, lora_bs, scales)
@@ -70,7 +72,7 @@ def lora_linear_shared(
 
 
 @lora_linear_shared.register_fake
-def _(x, weights, biases, lora_as, lora_bs, scales, out_dtype, kernels, deterministic):
+def _(x, weights, biases, lora_as, lora_bs, scales, out_dtype, kernels, deterministic, overlap_backward=False):
     _check_shared(x, weights, biases, lora_as, lora_bs, scales)
     ys = [x.new_empty(*x.shape[:-1], lb.shape[0], dtype=out_dtype) for lb in lora_bs]
     return ys, lora_as[0].new_empty(x.numel() // x.shape[-1], sum(a.shape[0] for a in lora_as))
@@ -88,6 +90,7 @@ def lora_linear_shared_backward(
     needs_dx: bool,
     kernels: str,
     deterministic: bool,
+    overlap_backward: bool = False,
 ) -> tuple[list[Tensor], Tensor, list[Tensor]]:
     """Returns ([dX_i [..., K]] (site i's share of dX; none when ``needs_dx`` is False), [dA_1; ...; dA_G]
     [Σr, K], [dB_i])."""
@@ -100,26 +103,27 @@ def lora_linear_shared_backward(
         ds_i, db_i = impl.ds_db(dy.reshape(-1, dy.shape[-1]), lb, s_i, s, deterministic=deterministic)
         d_s.append(ds_i)
         d_b.append(db_i)
-    d_a = impl.da(x2, torch.cat(d_s, dim=1), seed, 0.0, lora_as[0].dtype, deterministic=deterministic)
-    if not needs_dx:
-        return [], d_a, d_b
-    d_xs = [impl.dx(dy.reshape(-1, dy.shape[-1]), w, ds_i, a, seed, 0.0, x.dtype).reshape(x.shape)
-            for dy, w, a, ds_i in zip(dys, weights, lora_as, d_s)]
+    d_a, d_xs = beside(
+        side_stream(x.device) if needs_dx and overlap_backward else None,  # on a GPU: dA beside the dX GEMMs
+        lambda: impl.da(x2, torch.cat(d_s, dim=1), seed, 0.0, lora_as[0].dtype, deterministic=deterministic),
+        lambda: [impl.dx(dy.reshape(-1, dy.shape[-1]), w, ds_i, a, seed, 0.0, x.dtype).reshape(x.shape)
+                 for dy, w, a, ds_i in zip(dys, weights, lora_as, d_s)] if needs_dx else [],
+    )
     return d_xs, d_a, d_b
 
 
 @lora_linear_shared_backward.register_fake
-def _(dys, x, weights, lora_as, lora_bs, s_all, scales, needs_dx, kernels, deterministic):
+def _(dys, x, weights, lora_as, lora_bs, s_all, scales, needs_dx, kernels, deterministic, overlap_backward=False):
     d_xs = [torch.empty_like(x) for _ in lora_as] if needs_dx else []
     d_a = lora_as[0].new_empty(sum(a.shape[0] for a in lora_as), x.shape[-1])
     return d_xs, d_a, [torch.empty_like(lb) for lb in lora_bs]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weights, biases, lora_as, lora_bs, scales, _out_dtype, kernels, deterministic = inputs
+    x, weights, biases, lora_as, lora_bs, scales, _out_dtype, kernels, deterministic, overlap_backward = inputs
     _ys, s_all = output
     ctx.save_for_backward(x, s_all, *weights, *lora_as, *lora_bs)
-    ctx.options = (len(lora_as), scales, kernels, deterministic)
+    ctx.options = (len(lora_as), scales, kernels, deterministic, overlap_backward)
     ctx.frozen_grads = (_no_grads(weights), _no_grads(biases))
 
 
@@ -135,7 +139,7 @@ def _any_true(flags) -> bool:
 
 
 def _backward(ctx, d_ys, _d_s_all):
-    g, scales, kernels, deterministic = ctx.options
+    g, scales, kernels, deterministic, overlap_backward = ctx.options
     x, s_all, *rest = ctx.saved_tensors
     weights, lora_as, lora_bs = rest[:g], rest[g:2 * g], rest[2 * g:]
     needs = ctx.needs_input_grad
@@ -147,13 +151,15 @@ def _backward(ctx, d_ys, _d_s_all):
     d_ys = [torch.zeros(*x.shape[:-1], lb.shape[0], dtype=x.dtype, device=x.device) if d is None else d
             for d, lb in zip(d_ys, lora_bs)]
     d_xs, d_a, d_b = lora_linear_shared_backward(
-        d_ys, x, list(weights), list(lora_as), list(lora_bs), s_all, scales, needs[0], kernels, deterministic
+        d_ys, x, list(weights), list(lora_as), list(lora_bs), s_all, scales, needs[0], kernels, deterministic,
+        overlap_backward,
     )
     # summed here, in the traced graph: inside the op the sum was G-1 eager adds that Inductor could
     # not fuse (H100 e2e profile: +0.78 ms per step at 8 layers, docs/kernel-notes.md)
     d_x = functools.reduce(operator.add, d_xs) if needs[0] else None
     d_as = list(d_a.split([a.shape[0] for a in lora_as]))
-    return d_x, *ctx.frozen_grads, d_as, d_b, None, None, None, None
+    grads = (d_x, *ctx.frozen_grads, d_as, d_b)
+    return *grads, *[None] * (len(ctx.needs_input_grad) - len(grads))  # as many as autograd saw (lora_linear.py)
 
 
 lora_linear_shared.register_autograd(_backward, setup_context=_setup_context)

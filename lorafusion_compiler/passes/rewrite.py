@@ -27,9 +27,10 @@ __all__ = ["rewrite_lora_sites"]
 
 
 def rewrite_lora_sites(gm: fx.GraphModule, sites: list[LoRASite], kernels: list[str], *, deterministic: bool,
-                       groups: Sequence[Sequence[int]] = ()) -> None:
+                       overlap_backward: bool = False, groups: Sequence[Sequence[int]] = ()) -> None:
     """Replace each site (``kernels[i]`` names the kernel set of ``sites[i]``) and recompile ``gm``;
-    the sites of each group in ``groups`` (indices into ``sites``) become one shared op."""
+    the sites of each group in ``groups`` (indices into ``sites``) become one shared op.
+    ``deterministic`` and ``overlap_backward`` are passed to every op (``LoRAFusionConfig``)."""
     graph = gm.graph
     grouped = {i for group in groups for i in group}
     for group in groups:
@@ -37,7 +38,7 @@ def rewrite_lora_sites(gm: fx.GraphModule, sites: list[LoRASite], kernels: list[
         members = [sites[i].nodes for i in group]
         args = (first.x, [n.weight for n in members], [n.bias for n in members], [n.lora_a for n in members],
                 [n.lora_b for n in members], [sites[i].scale for i in group], sites[group[0]].out_dtype,
-                kernels[group[0]], deterministic)
+                kernels[group[0]], deterministic, overlap_backward)
         with graph.inserting_before(first.output):
             call = graph.call_function(torch.ops.lorafusion.lora_linear_shared.default, args)
             ys = graph.call_function(operator.getitem, (call, 0))
@@ -50,7 +51,8 @@ def rewrite_lora_sites(gm: fx.GraphModule, sites: list[LoRASite], kernels: list[
         if i in grouped:
             continue
         n = site.nodes
-        args = (n.x, n.weight, n.bias, n.lora_a, n.lora_b, site.scale, site.dropout_p, site.out_dtype, kernel_set, deterministic)
+        args = (n.x, n.weight, n.bias, n.lora_a, n.lora_b, site.scale, site.dropout_p, site.out_dtype, kernel_set, deterministic,
+                overlap_backward)
         with graph.inserting_before(n.output):
             call = graph.call_function(torch.ops.lorafusion.lora_linear.default, args)
             y = graph.call_function(operator.getitem, (call, 0))
