@@ -1,6 +1,6 @@
 """End-to-end LoRA training step on a LLaMa-3.1-8B-shaped model (random weights, bf16, 1 GPU).
 
-Variants, each timed in this one process on the same shapes:
+Variants, timed in this one process on the same shapes:
   floor      frozen base model, no LoRA, torch.compile (Inductor); grads flow to the input
   floor+cg   the same with mode="reduce-overhead" (CUDA graphs)
   peft       PEFT defaults (fp32 adapters over the bf16 base), eager
@@ -19,6 +19,11 @@ floor). Reported: median step time over
 CUDA events, tokens/s, ratio to the floor, peak memory.
 
     python benchmarks/e2e.py --layers 8 --tokens 4096 --dropout 0.1
+    python benchmarks/e2e.py --layers 8 --dropout 0.0 --variants floor+cg ours+cg ours+ovl+cg --interleave
+
+By default the variants run one after another, each freed before the next. ``--interleave``
+builds them all, then times them round-robin in one process: use it to compare variants closer
+than the ±1-3% spread between runs.
 """
 
 from __future__ import annotations
@@ -112,6 +117,68 @@ def profile_step(step, ids, path: str) -> None:
         f.write(table.table(sort_by="self_device_time_total", row_limit=100, max_name_column_width=90))
 
 
+def build_step(p: float | None, variant: str, layers: int):
+    """A fresh model of ``variant`` (module docstring) at dropout ``p`` and its training-step function."""
+    base = build_base(layers)
+    embed = base.get_input_embeddings()
+    graphs = variant.endswith("+cg")
+    if variant.startswith("floor"):
+        model = torch.compile(base, mode="reduce-overhead" if graphs else None)
+    else:
+        model = with_lora(base, dropout=p, bf16_adapters=variant in ("peft+pc", "ours-bf16"))
+        if variant == "peft+pc":
+            for layer in model.base_model.model.model.layers:
+                layer.compile()
+        elif variant.startswith("ours"):
+            options = {"cudagraphs": graphs, "share_inputs": variant.startswith("ours+share"),
+                       "overlap_backward": "+ovl" in variant}
+            model = torch.compile(model, backend="lorafusion", options=options)
+    params = [q for q in model.parameters() if q.requires_grad]
+    return make_step(model, embed, params, graphs=graphs)
+
+
+def new_ids(args) -> torch.Tensor:
+    """Fresh random token ids of one step: [tokens / seq, seq] on the GPU."""
+    return torch.randint(0, 32000, (args.tokens // args.seq, args.seq), device="cuda")
+
+
+def one_by_one(runs, args):
+    """Yield (p, variant, ms, GiB, step) for each run: built, timed, then freed before the next."""
+    for p, variant in runs:
+        torch._dynamo.reset()
+        step = build_step(p, variant, args.layers)
+        ms, gib = time_steps(step, tokens=args.tokens, seq=args.seq, steps=args.steps, warmup=args.warmup)
+        yield p, variant, ms, gib, step
+        del step
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def interleaved(runs, args):
+    """Yield (p, variant, ms, GiB, step) for each run, all built first and then timed round-robin
+    (``timing.interleaved_ms``): every variant sees the same GPU clocks, so their ratios carry no
+    drift between runs. All models stay alive together. GiB is a run's own peak: measured over
+    one step after its warm-up, less the memory allocated before it was built."""
+    from timing import interleaved_ms
+
+    torch._dynamo.config.cache_size_limit = 64  # one set of compiled frames per live model
+    steps, peaks = {}, {}
+    for p, variant in runs:
+        before = torch.cuda.memory_allocated()
+        step = steps[(p, variant)] = build_step(p, variant, args.layers)
+        for _ in range(args.warmup):  # compiles, tunes, records CUDA graphs
+            step(new_ids(args))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step(new_ids(args))
+        peaks[(p, variant)] = (torch.cuda.max_memory_allocated() - before) / 2**30
+    ids = {run: [new_ids(args) for _ in range(args.warmup + args.steps)] for run in steps}
+    calls = {run: (lambda run=run, it=iter(ids[run]): steps[run](next(it))) for run in steps}
+    times = interleaved_ms(calls, rounds=args.steps, warmup=args.warmup)
+    for run, step in steps.items():
+        yield *run, times[run], peaks[run], step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
@@ -122,6 +189,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["peft", "peft+pc", "ours", "ours-bf16"],
                         help="variants; floor variants are timed once, first (ratios use the first floor), the others for every p")
+    parser.add_argument("--interleave", action="store_true",
+                        help="build every variant first, then time them round-robin in one process (A/B of close variants)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--profile-dir", default=None, help="write one profiled step's op table per variant here")
     args = parser.parse_args()
@@ -130,36 +199,15 @@ def main() -> None:
     floor_ms = None
     floors = [v for v in args.variants if v.startswith("floor")] or ["floor"]
     runs = [(None, f) for f in floors] + [(p, v) for p in args.dropout for v in args.variants if not v.startswith("floor")]
-    for p, variant in runs:
-        torch._dynamo.reset()
-        base = build_base(args.layers)
-        embed = base.get_input_embeddings()
-        graphs = variant.endswith("+cg")
-        if variant.startswith("floor"):
-            model = torch.compile(base, mode="reduce-overhead" if graphs else None)
-        else:
-            model = with_lora(base, dropout=p, bf16_adapters=variant in ("peft+pc", "ours-bf16"))
-            if variant == "peft+pc":
-                for layer in model.base_model.model.model.layers:
-                    layer.compile()
-            elif variant.startswith("ours"):
-                options = {"cudagraphs": graphs, "share_inputs": variant.startswith("ours+share"),
-                           "overlap_backward": "+ovl" in variant}
-                model = torch.compile(model, backend="lorafusion", options=options)
-        params = [q for q in model.parameters() if q.requires_grad]
-        step = make_step(model, embed, params, graphs=graphs)
-        ms, gib = time_steps(step, tokens=args.tokens, seq=args.seq, steps=args.steps, warmup=args.warmup)
+    for p, variant, ms, gib, step in (interleaved if args.interleave else one_by_one)(runs, args):
         if args.profile_dir:
             os.makedirs(args.profile_dir, exist_ok=True)
-            ids = torch.randint(0, 32000, (args.tokens // args.seq, args.seq), device="cuda")
-            profile_step(step, ids, os.path.join(args.profile_dir, f"profile-{variant.replace('+', '_')}-p{p}.txt"))
-        floor_ms = ms if floor_ms is None else floor_ms  # floors run first
+            profile_step(step, new_ids(args), os.path.join(args.profile_dir, f"profile-{variant.replace('+', '_')}-p{p}.txt"))
+        floor_ms = ms if floor_ms is None else floor_ms  # floors come first
         row = dict(p=p, variant=variant, ms=ms, tokens_per_s=args.tokens / ms * 1e3, peak_gib=gib, floor_ratio=floor_ms / ms)
         results.append(row)
         print(json.dumps(row), flush=True)
-        del model, base, embed
-        gc.collect()
-        torch.cuda.empty_cache()
+        del step  # one by one: freed before the next run is built
     print(f"\nLLaMa-3.1-8B shape, {args.layers} layers, {args.tokens} tokens/step, r=16 on 7 projections, bf16, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'p':>4} {'variant':<13} {'ms/step':>9} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9}")

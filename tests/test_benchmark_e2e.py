@@ -1,0 +1,52 @@
+"""CPU test of benchmarks/e2e.py's ``--interleave`` bookkeeping (models and GPU calls mocked): every
+variant is built and warmed up first, then timed round-robin, and each row's ratio uses the floor."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_interleave_builds_all_then_times_round_robin(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import e2e
+    import timing
+
+    events = []
+
+    def fake_build(p, variant, layers):
+        events.append(("build", variant, p))
+
+        def step(ids):
+            assert ids.shape == (2, 8)
+            events.append(("step", variant, p))
+
+        return step
+
+    monkeypatch.setattr(e2e, "build_step", fake_build)
+    monkeypatch.setattr(e2e, "new_ids", lambda args: torch.zeros(args.tokens // args.seq, args.seq, dtype=torch.long))
+    monkeypatch.setattr(timing, "CudaEventTimer", timing.WallTimer)  # no GPU: host clock
+    for name, value in (("memory_allocated", lambda: 0), ("max_memory_allocated", lambda: 2**30),
+                        ("synchronize", lambda: None), ("reset_peak_memory_stats", lambda: None),
+                        ("get_device_name", lambda: "mock")):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(sys, "argv", ["e2e.py", "--layers", "1", "--tokens", "16", "--seq", "8", "--dropout", "0.1", "0.0",
+                                      "--variants", "floor+cg", "ours+cg", "ours+ovl+cg", "--interleave",
+                                      "--steps", "4", "--warmup", "2"])
+    e2e.main()
+
+    runs = [(None, "floor+cg"), (0.1, "ours+cg"), (0.1, "ours+ovl+cg"), (0.0, "ours+cg"), (0.0, "ours+ovl+cg")]
+    builds = [i for i, e in enumerate(events) if e[0] == "build"]
+    assert [events[i][1:] for i in builds] == [(v, p) for p, v in runs]
+    per_run = {run: sum(1 for e in events if e[0] == "step" and (e[2], e[1]) == run) for run in runs}
+    assert per_run == {run: 2 + 1 + 2 + 4 for run in runs}  # warm-up, peak step, timing warm-up, timed rounds
+    timed = events[builds[-1] + 4:]  # after the last run's warm-up and peak step: round-robin
+    assert [(e[2], e[1]) for e in timed[:5]] == runs and [(e[2], e[1]) for e in timed[5:10]] == runs
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["p"], r["variant"]) for r in rows] == runs
+    assert rows[0]["floor_ratio"] == 1.0 and all(r["peak_gib"] == 1.0 for r in rows)
+    for r in rows[1:]:
+        assert r["floor_ratio"] == rows[0]["ms"] / r["ms"]
