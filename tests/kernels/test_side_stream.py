@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lorafusion_compiler.ops.lora_linear import lora_linear
+from lorafusion_compiler.ops.lora_linear import lora_linear, lora_linear_backward
 from lorafusion_compiler.ops.side_stream import beside, side_stream
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,15 +50,9 @@ def _grads(x, w, a, b, dy, p):
 
 
 def _one_stream_backward(x, w, a, b, dy, s, seed, p):
-    """dA then dX on the current stream, the mask handed over as keep bits (the CPU path)."""
-    from lorafusion_compiler.ops.dropout_mask import new_keep_bits
-    from lorafusion_compiler.codegen import kernels as tk
-
-    d_s, d_b = tk.ds_db(dy, b.detach(), s, 2.0, deterministic=True)
-    bits = new_keep_bits(x, p, a.shape[0])
-    d_a = tk.da(x.detach(), d_s, seed, p, a.dtype, deterministic=True, keep_bits=bits)
-    d_x = tk.dx(dy, w, d_s, a.detach(), seed, p, x.dtype, keep_bits=bits)
-    return d_x, d_a, d_b
+    """The op's backward without ``overlap_backward``: dA then dX on the current stream, the mask
+    handed over as keep bits."""
+    return lora_linear_backward(dy, x.detach(), w, a.detach(), b.detach(), s, seed, 2.0, p, True, "triton", True, False)
 
 
 @gpu
