@@ -123,9 +123,12 @@ def test_op_equals_separate_sites():
         assert_rel_close(g, t.grad, 1e-12, f"grad of {name}")
 
 
-def test_opcheck():
+@pytest.mark.parametrize("overlap", [(), (True,)], ids=["default", "overlap_backward"])
+def test_opcheck(overlap):
+    """Schema, fake and autograd registration; with ``overlap_backward=True`` autograd sees one more
+    input than with the default, which the dispatcher drops."""
     x, ws, bs, a_s, b_s, scales = _sites(dtype=torch.float32)
-    torch.library.opcheck(lora_linear_shared, (x, ws, bs, a_s, b_s, scales, torch.float32, "torch", False))
+    torch.library.opcheck(lora_linear_shared, (x, ws, bs, a_s, b_s, scales, torch.float32, "torch", False, *overlap))
 
 
 def test_bad_inputs_name_the_value():
@@ -137,6 +140,7 @@ def test_bad_inputs_name_the_value():
         lora_linear_shared(x, ws, bs, a_s, b_s, scales[:2], torch.float32, "torch", False)
 
 
+@_INTERPRETED
 def test_explain_and_dump_name_the_group(tmp_path):
     import json
 
