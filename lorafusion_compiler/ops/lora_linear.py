@@ -160,9 +160,12 @@ def _backward(ctx, dy, _ds_act, _dseed):
     d_x, d_a, d_b = lora_linear_backward(
         dy, x, weight, lora_a, lora_b, s_act, seed, scale, dropout_p, needs_dx, kernels, deterministic, overlap_backward
     )
-    grads = ((d_x if needs_dx else None), None, None, d_a, d_b)
-    # one None per remaining input autograd saw: the dispatcher drops trailing arguments equal to
-    # their defaults (overlap_backward=False), so their number varies
+    return _pad_grads(ctx, (d_x if needs_dx else None), None, None, d_a, d_b)
+
+
+def _pad_grads(ctx, *grads):
+    """``grads`` then one None per remaining input that autograd saw: the dispatcher drops trailing
+    arguments equal to their defaults (``overlap_backward=False``), so their number varies."""
     return *grads, *[None] * (len(ctx.needs_input_grad) - len(grads))
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .kernel_set import get_kernel_set
-from .lora_linear import _new_seed, check_lora_inputs
+from .lora_linear import _new_seed, check_lora_inputs, _pad_grads
 from .side_stream import beside, side_stream
 
 __all__ = ["lora_linear_shared", "lora_linear_shared_backward"]
@@ -158,8 +158,7 @@ def _backward(ctx, d_ys, _d_s_all):
     # not fuse (H100 e2e profile: +0.78 ms per step at 8 layers, docs/kernel-notes.md)
     d_x = functools.reduce(operator.add, d_xs) if needs[0] else None
     d_as = list(d_a.split([a.shape[0] for a in lora_as]))
-    grads = (d_x, *ctx.frozen_grads, d_as, d_b)
-    return *grads, *[None] * (len(ctx.needs_input_grad) - len(grads))  # as many as autograd saw (lora_linear.py)
+    return _pad_grads(ctx, d_x, *ctx.frozen_grads, d_as, d_b)
 
 
 lora_linear_shared.register_autograd(_backward, setup_context=_setup_context)
