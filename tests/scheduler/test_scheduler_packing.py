@@ -7,6 +7,7 @@ import random
 import sys
 
 import pytest
+from helpers import requires_ortools
 
 from lorafusion_compiler.scheduler.packing import (
     first_fit_decreasing,
@@ -56,6 +57,7 @@ def test_greedy_heuristics_are_valid():
             assert len(bins) >= -(-sum(sizes) // capacity)
 
 
+@requires_ortools
 @pytest.mark.parametrize(("capacity", "sizes", "optimum"), GREEDY_SUBOPTIMAL)
 def test_cpsat_beats_greedy_where_greedy_is_suboptimal(capacity, sizes, optimum):
     result = pack(sizes, capacity, time_limit_s=2.0, seed=0)
@@ -111,6 +113,7 @@ def test_oversized_item_is_rejected():
         pack([3, 11], 10, time_limit_s=0.1, seed=0)
 
 
+@requires_ortools
 def test_solver_calls_are_capped_by_the_budget():
     capacity, sizes, _ = GREEDY_SUBOPTIMAL[3]
     report = pack_all([sizes] * 12, capacity, time_limit_s=0.1, seed=0)  # greedy cannot prove any

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from helpers import requires_ortools
 
 from lorafusion_compiler.scheduler import Job, Schedule, ScheduleError, sample_lengths, schedule
 
@@ -76,6 +77,7 @@ def test_same_inputs_and_seed_give_the_same_schedule():
     assert [mb.padded_tokens for mb in first.microbatches] == [mb.padded_tokens for mb in second.microbatches]
 
 
+@requires_ortools
 def test_cpsat_never_packs_worse_than_greedy():
     jobs = _instance_needing_cpsat()
     cpsat = schedule(jobs, capacity=4096, pad_multiple=128, stages=4, time_limit_s=1.0)
