@@ -71,7 +71,7 @@ def configs(kernel: str, rank_bucket: int) -> tuple[TileConfig, ...]:
     if kernel in SPLIT_KERNELS and not interpreting():
         # the first config again with 1 and 4 programs per SM. H100, cold operands, µs (2 per SM ->
         # the better other): dA 4096x14336 84.9 -> 77.2 at 4, 8192x4096 47.7 -> 45.8 at 1; shrink
-        # 8192x4096 34.2 -> 32.2 at 1; ds_db 1-2 µs faster at 1 (docs/kernel-notes.md)
+        # 8192x4096 34.2 -> 32.2 at 1; ds_db 1-2 µs faster at 1 (docs/kernel-notes/split-kernels.md)
         candidates += [dataclasses.replace(candidates[0], split_per_sm=n) for n in (1, 4)]
     return tuple(candidates)
 
@@ -92,7 +92,7 @@ def _configs(kernel: str, rank_bucket: int) -> list[TileConfig]:
     if kernel in ("base_expand", "dx"):
         # Persistent first (the fallback): on H100 it was as fast as or faster than one program per
         # tile in 4 of 5 base_expand shapes of a forced-config probe (M = 4096/8192), and the tuner
-        # picks it for every shape of the layer and e2e benchmarks (docs/kernel-notes.md)
+        # picks it for every shape of the layer and e2e benchmarks (docs/kernel-notes/fused-gemms.md)
         return [
             _c(8, 3, BLOCK_M=128, BLOCK_P=256, BLOCK_Q=64, GROUP_M=8, persistent=True),
             _c(8, 4, BLOCK_M=128, BLOCK_P=256, BLOCK_Q=64, GROUP_M=8, persistent=True),
@@ -116,7 +116,7 @@ def _configs(kernel: str, rank_bucket: int) -> list[TileConfig]:
         if big:
             return [_c(4, 3, BLOCK_M=64, BLOCK_K=64), _c(8, 3, BLOCK_M=64, BLOCK_K=128)]
         # the unpipelined 32x128 tile: at p=0.1 the fastest dA alone and beside dX on H200 (M=4096, µs per
-        # LLaMa-8B layer: 263 vs 301 for the first config alone; docs/kernel-notes.md)
+        # LLaMa-8B layer: 263 vs 301 for the first config alone; docs/kernel-notes/split-kernels.md)
         return [_c(4, 3, BLOCK_M=64, BLOCK_K=128), _c(8, 3, BLOCK_M=128, BLOCK_K=128), _c(8, 3, BLOCK_M=64, BLOCK_K=256),
                 _c(4, 4, BLOCK_M=128, BLOCK_K=64), _c(8, 3, BLOCK_M=256, BLOCK_K=128), _c(4, 1, BLOCK_M=32, BLOCK_K=128)]
     raise ValueError(f"unknown kernel {kernel!r}")

@@ -187,7 +187,7 @@ def _lowrank_gemm(
     """
     tma = _tma_ok(x, weight)
     # the epilogue stores through a TMA descriptor too (H100: ~1% faster base_expand / dx at M=4096 with
-    # warm L2, level with cold L2; docs/kernel-notes.md) when out is 16-bit with 16-byte aligned rows: its
+    # warm L2, level with cold L2; docs/kernel-notes/fused-gemms.md) when out is 16-bit with 16-byte aligned rows: its
     # staging tile takes BLOCK_M x BLOCK_P x 2 bytes of shared memory (fp32 tiles left no config that fits)
     tma_store = tma and out.element_size() == 2 and _tma_rows(out)
     kernel, key, rb = _prepare(kernel_name, **fields, tma=tma, tma_store=tma_store)

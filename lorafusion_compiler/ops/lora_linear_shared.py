@@ -155,7 +155,7 @@ def _backward(ctx, d_ys, _d_s_all):
         overlap_backward,
     )
     # summed here, in the traced graph: inside the op the sum was G-1 eager adds that Inductor could
-    # not fuse (H100 e2e profile: +0.78 ms per step at 8 layers, docs/kernel-notes.md)
+    # not fuse (H100 e2e profile: +0.78 ms per step at 8 layers, docs/kernel-notes/split-kernels.md)
     d_x = functools.reduce(operator.add, d_xs) if needs[0] else None
     d_as = list(d_a.split([a.shape[0] for a in lora_as]))
     return _pad_grads(ctx, d_x, *ctx.frozen_grads, d_as, d_b)

@@ -7,7 +7,7 @@ programs run on those SMs. Measured on an H200 (M=4096, r=16, CUDA-graph replays
 LLaMa-8B layer of 7 sites): dA then dX 2884 (p=0) / 3075 (p=0.1); dA beside dX 2751 / 2949.
 At p > 0, dX then regenerates the dropout mask itself instead of reading dA's keep bits, which
 costs less than the overlap gains. In the 8-layer training step no gain was measured yet
-(docs/kernel-notes.md), hence off by default.
+(docs/kernel-notes/split-kernels.md), hence off by default.
 
 Ordering: the side stream first waits for all work queued so far on the current stream, so
 dS is ready. Before the op returns, the current stream waits for the side stream, so callers

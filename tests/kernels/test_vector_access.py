@@ -3,7 +3,7 @@
 Adapter addresses come from device tables, so the compiler can only vectorise their loads and
 atomics through ``tl.multiple_of`` hints; a hint placed where Triton drops it (e.g. on the integer
 before its cast to a pointer) silently turned A/B tile loads and dB/dA atomics scalar and cost
-H100 +17 µs in shrink and +20 µs in ds_db (docs/kernel-notes.md). Likewise the keep bits that dA
+H100 +17 µs in shrink and +20 µs in ds_db (docs/kernel-notes/multi-adapter.md). Likewise the keep bits that dA
 stores and dX reads move as vectors only while their row stride is an argument Triton can
 specialise (computed as K // 8 in the kernel it gave 16-bit accesses). Compiled for sm_90 with
 Triton's bundled ptxas, no GPU needed; each kernel in a subprocess without TRITON_INTERPRET.
