@@ -49,27 +49,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_device(rank: int) -> torch.device:
+    """``cuda:LOCAL_RANK`` (``rank`` without that variable) when CUDA is available, else CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return torch.device(f"cuda:{local % torch.cuda.device_count()}")
+
+
 def init_distributed(*, backend: str | None = None, timeout_s: float = 300.0, device: torch.device | str | None = None) -> DistInfo:
     """Join the default process group from torchrun's env (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
     ``MASTER_PORT``) unless one exists; without ``WORLD_SIZE`` > 1 return a single-process info.
 
-    ``timeout_s`` bounds every collective (seconds). The device is ``cuda:LOCAL_RANK`` when CUDA is
-    available, else CPU (or ``device`` if given).
+    ``timeout_s`` bounds every collective (seconds). The device is ``device`` if given, else
+    ``cuda:LOCAL_RANK`` when CUDA is available, else CPU. The backend (unless given) follows the
+    device: NCCL for CUDA, gloo for CPU, so ``device="cpu"`` runs on gloo on a GPU machine too.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not dist.is_initialized() and world > 1:
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device(device) if device is not None else _default_device(int(os.environ.get("RANK", "0")))
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
-    if device is None:
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-        device = torch.device(f"cuda:{local % max(1, torch.cuda.device_count())}") if torch.cuda.is_available() else torch.device("cpu")
-    return DistInfo(rank=rank, world_size=world, device=torch.device(device), active=dist.is_initialized() and world > 1)
+    device = torch.device(device) if device is not None else _default_device(rank)
+    return DistInfo(rank=rank, world_size=world, device=device, active=dist.is_initialized() and world > 1)
 
 
 def _store():

@@ -186,7 +186,8 @@ def pipeline(
     stage_layers: decoder layers per stage (default: balanced by estimated cost); schedule_options: passed to the scheduler
     (``time_limit_s``, ``seed``, ``solver``); timeout_s: collective timeout (seconds);
     seed: the forward of plan microbatch ``p`` runs with the torch RNG seeded from (seed, p)
-    (dropout masks), so a run is reproducible and a resumed run equals an uninterrupted one;
+    (dropout masks), so a run is reproducible and a resumed run equals an uninterrupted one
+    (bitwise on CPU; on CUDA, kernels that sum with atomic adds make them agree to rounding);
     the caller's RNG state is restored on return; failure_grace_s: after another rank failed,
     seconds to wait for this rank's main thread to stop before the process exits with code
     1; fail_at_round: test hook {rank: round} raising RuntimeError on that rank after that

@@ -23,7 +23,7 @@ def _dropout_jobs():
 
 def _run(out_dir, jobs=None, **kwargs):
     return pipeline(build_tiny_llama(TINY, seed=0), jobs or _dropout_jobs(), capacity=CAPACITY, pad_multiple=PAD,
-                    out_dir=out_dir, schedule_options=GREEDY, progress=False, **kwargs)
+                    out_dir=out_dir, schedule_options=GREEDY, progress=False, device="cpu", **kwargs)
 
 
 def _peft_reload(folder, name):

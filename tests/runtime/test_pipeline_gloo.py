@@ -51,7 +51,7 @@ def _worker(rank: int, port: int, out_dir: str, results, kwargs: dict) -> None:
         for job in jobs:
             job.dropout = dropout
         res = pipeline(build_tiny_llama(TINY, seed=0), jobs, out_dir=out_dir, schedule_options=GREEDY,
-                       progress=False, timeout_s=TIMEOUT_S, **kwargs)
+                       progress=False, timeout_s=TIMEOUT_S, device="cpu", **kwargs)
         results.put((rank, "ok", {"steps_done": res.steps_done, "bubble": res.bubble_ratio, "losses": res.losses, "stage_layers": res.stage_layers,
                                   "next_round": res.next_round, "total_rounds": res.total_rounds, "drains": drains,
                                   "windows": res.windows, "padding": res.padding_microbatches}))

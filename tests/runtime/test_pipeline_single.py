@@ -1,4 +1,7 @@
-"""1-stage pipeline (no torch.distributed): each job's adapter equals training it alone."""
+"""1-stage pipeline (no torch.distributed): each job's adapter equals training it alone.
+
+Tests that compare with a CPU reference or bitwise between runs pin ``device="cpu"``, so they check
+the same thing on a GPU machine; the CUDA path is tested in test_pipeline_gpu.py."""
 
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ def test_single_stage_matches_training_each_job_alone(tmp_path):
     steps = 3
     jobs = make_jobs(steps)
     result = pipeline(build_tiny_llama(TINY, seed=0), jobs, capacity=CAPACITY, pad_multiple=PAD, out_dir=tmp_path,
-                      schedule_options=GREEDY, progress=False)
+                      schedule_options=GREEDY, progress=False, device="cpu")
     assert result.finished and result.steps_done == {"tales": steps, "recipes": steps}
     assert all(len(v) == steps and all(x > 0 for x in v) for v in result.losses.values())
     for job in make_jobs(steps):
@@ -120,7 +123,7 @@ def test_kept_gradients_train_the_same_adapters(monkeypatch):
 
     def run():
         return pipeline(build_tiny_llama(TINY, seed=0), make_jobs(3), capacity=CAPACITY, pad_multiple=PAD,
-                        schedule_options=GREEDY, progress=False)
+                        schedule_options=GREEDY, progress=False, device="cpu")
 
     plain = run()
     monkeypatch.setattr(pipeline_module, "LazySteps", KeptSteps)
@@ -141,7 +144,7 @@ def test_single_stage_windows_do_not_change_the_result():
         for job in jobs:
             job.dropout = 0.1  # the RNG is seeded per microbatch, not per window
         return pipeline(build_tiny_llama(TINY, seed=0), jobs, capacity=CAPACITY, pad_multiple=PAD, schedule_options=GREEDY,
-                        progress=False, **kwargs)
+                        progress=False, device="cpu", **kwargs)
 
     rounds = run()
     assert rounds.windows == rounds.total_rounds == 3  # rounds of 2 microbatches
