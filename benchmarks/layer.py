@@ -2,7 +2,9 @@
 
 One process, CUDA-event medians, fresh random inputs rotated over several sets; the four
 variants of a row are timed round-robin (one call each per round, ``timing.py``), so that the
-GPU's clock drift falls on all of them alike. "time" is
+GPU's clock drift falls on all of them alike. The CUDA-graph replays are timed twice: as soon as
+the graphs are captured ("graphed") and after a burn-in of back-to-back GEMMs ("sustained", the
+power-capped clocks a training step runs at; ``timing.burn_in``). "time" is
 forward+backward of one layer (``y = layer(x); y.backward(dy)``, x requiring grad); "base"
 is the frozen ``F.linear(x, W)`` forward+backward (dX only). Everything bf16 (x, W, A, B).
 
@@ -20,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from cuda_graph import capture
-from timing import interleaved_ms
+from timing import burn_in, interleaved_ms
 
 from lorafusion_compiler.ops.lora_linear import lora_linear
 
@@ -91,8 +93,10 @@ def saved_bytes(fn: Callable, w, a, b, data) -> int:
     return held
 
 
-def run(shapes, ranks, ps, *, alpha: float = 32.0, fwd_only: bool = True, memory: bool = False, log=print):
-    """Benchmark rows: dicts with shape, r, p and per-variant ms (fwd+bwd and fwd-only)."""
+def run(shapes, ranks, ps, *, alpha: float = 32.0, fwd_only: bool = True, memory: bool = False,
+        sustained: bool = True, log=print):
+    """Benchmark rows: dicts with shape, r, p and per-variant ms (fwd+bwd, fwd-only, graphed and,
+    with ``sustained``, graphed after a 1 s burn-in: keys ``<variant>_sus``)."""
     rows = []
     for (m, k, n) in shapes:
         for r in ranks:
@@ -113,6 +117,10 @@ def run(shapes, ranks, ps, *, alpha: float = 32.0, fwd_only: bool = True, memory
                 graphs = {name: graph_of(fn, w, a, b, data) for name, fn in layers.items()}
                 timed = interleaved_ms({name: g.replay for name, g in graphs.items()}, rounds=20)
                 row.update({name + "_graph": t for name, t in timed.items()})
+                if sustained:
+                    burn_in(seconds=1.0)
+                    timed = interleaved_ms({name: g.replay for name, g in graphs.items()}, rounds=30, warmup=0)
+                    row.update({name + "_sus": t for name, t in timed.items()})
                 del graphs
                 log(_fmt(row))
                 rows.append(row)
@@ -130,6 +138,9 @@ def _fmt(row) -> str:
     if "ours_graph" in row:
         s += " || graphed/base: " + " ".join(
             f"{nm[:3]} {row[nm + '_graph'] / row['base_graph']:4.2f}" for nm in ("eager", "inductor", "ours"))
+    if "ours_sus" in row:
+        s += f" || sustained/base ({row['base_sus']:.3f} ms): " + " ".join(
+            f"{nm[:3]} {row[nm + '_sus'] / row['base_sus']:4.2f}" for nm in ("eager", "inductor", "ours"))
     if "ours_fwd" in row:
         s += " || fwd/base: " + " ".join(f"{nm[:3]} {row[nm + '_fwd'] / row['base_fwd']:4.2f}" for nm in ("eager", "inductor", "ours"))
     if "ours_mem" in row:
@@ -152,7 +163,10 @@ def summary(rows) -> str:
                 f"{nm} {geomean(r_[nm] / r_['base'] for r_ in sel):.3f}" for nm in ("eager", "inductor", "ours"))
                 + " | graphed: " + " ".join(
                     f"{nm} {geomean(r_[nm + '_graph'] / r_['base_graph'] for r_ in sel):.3f}"
-                    for nm in ("eager", "inductor", "ours")))
+                    for nm in ("eager", "inductor", "ours"))
+                + ("" if "ours_sus" not in sel[0] else " | sustained: " + " ".join(
+                    f"{nm} {geomean(r_[nm + '_sus'] / r_['base_sus'] for r_ in sel):.3f}"
+                    for nm in ("eager", "inductor", "ours"))))
     return "\n".join(out)
 
 

@@ -66,3 +66,9 @@ def test_wall_timer_measures_host_time():
 def test_bad_rounds_rejected(rounds, warmup):
     with pytest.raises(ValueError, match=f"rounds={rounds}, warmup={warmup}"):
         timing.interleaved_ms({"a": lambda: None}, rounds=rounds, warmup=warmup, timer=timing.WallTimer())
+
+
+@pytest.mark.parametrize("seconds", [0, -1.0])
+def test_burn_in_rejects_a_non_positive_duration(seconds):
+    with pytest.raises(ValueError, match=f"seconds must be > 0, got {seconds}"):
+        timing.burn_in(seconds=seconds)
