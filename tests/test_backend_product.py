@@ -36,6 +36,24 @@ def test_backend_name_works_without_importing_lorafusion():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+def test_importing_lorafusion_names_the_backend_without_the_entry_point():
+    """A checkout on PYTHONPATH that was never pip-installed has no entry point: the import names it."""
+    code = (
+        "import importlib.metadata as md, sys, torch\n"
+        "real = md.entry_points\n"
+        "md.entry_points = lambda **kw: md.EntryPoints(()) if kw.get('group') == 'torch_dynamo_backends' else real(**kw)\n"
+        "assert 'lorafusion' not in torch._dynamo.list_backends(exclude_tags=())\n"
+        "import lorafusion\n"
+        "from lorafusion_compiler.backend import lorafusion_backend\n"
+        "assert torch._dynamo.lookup_backend('lorafusion') is lorafusion_backend\n"
+        "y = torch.compile(torch.nn.Linear(4, 3), backend='lorafusion', options={'inner_backend': 'eager'})(torch.randn(2, 4))\n"
+        "assert y.shape == (2, 3)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_explain_report_fields_and_table():
     report = lorafusion.explain(OneLoRA(), torch.randn(5, 8))
     assert isinstance(report, lorafusion.ExplainReport) and report.graphs == 1
