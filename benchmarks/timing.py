@@ -8,12 +8,13 @@ round-robin, every variant sees the same mix of clocks, and each keeps its media
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-__all__ = ["CudaEventTimer", "Timer", "WallTimer", "burn_in", "interleaved_ms"]
+__all__ = ["CudaEventTimer", "Timer", "WallTimer", "burn_in", "interleaved_ms", "interleaved_ratios"]
 
 
 class Timer(Protocol):
@@ -88,6 +89,39 @@ def interleaved_ms(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmu
                 marks[name].append(stopped)
     timer.wait()
     return {name: statistics.median(timer.elapsed_ms(m) for m in ms) for name, ms in marks.items()}
+
+
+
+def interleaved_ratios(calls: Mapping[str, Callable[[], Any]], *, reference: str, rounds: int, warmup: int = 1,
+                       timer: Timer | None = None, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Per entry of ``calls``: (median, interquartile range) over rounds of its time ÷ the time of
+    ``calls[reference]`` in the same round. Each round calls every entry once, in a fresh random
+    order (``seed``), so neither clock drift nor a fixed neighbour favours an entry; the first
+    ``warmup`` rounds are not counted. ``timer`` defaults to CUDA events.
+    """
+    if reference not in calls:
+        raise ValueError(f"reference={reference!r} is not one of the calls {sorted(calls)}")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    timer = CudaEventTimer() if timer is None else timer
+    order, rng = list(calls), random.Random(seed)
+    marks: list[dict[str, Any]] = []
+    for i in range(warmup + rounds):
+        rng.shuffle(order)
+        round_marks = {}
+        for name in order:
+            started = timer.start()
+            calls[name]()
+            round_marks[name] = timer.stop(started)
+        if i >= warmup:
+            marks.append(round_marks)
+    timer.wait()
+    out = {}
+    for name in calls:
+        ratios = [timer.elapsed_ms(m[name]) / timer.elapsed_ms(m[reference]) for m in marks]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out[name] = (statistics.median(ratios), q[2] - q[0])
+    return out
 
 
 def burn_in(*, seconds: float = 1.0, size: int = 8192) -> int:

@@ -72,3 +72,32 @@ def test_bad_rounds_rejected(rounds, warmup):
 def test_burn_in_rejects_a_non_positive_duration(seconds):
     with pytest.raises(ValueError, match=f"seconds must be > 0, got {seconds}"):
         timing.burn_in(seconds=seconds)
+
+
+class StepClock(DriftClock):
+    """DriftClock whose speed halves after ``switch`` calls (a GPU dropping to sustained clocks)."""
+
+    def __init__(self, cost, switch):
+        super().__init__(cost, drift=0.0)
+        self.switch = switch
+
+    def stop(self, started):
+        took = self.cost[self.current] * (2.0 if self.n >= self.switch else 1.0)
+        self.n += 1
+        return took
+
+
+def test_ratios_per_round_survive_a_clock_step_and_shuffle_the_order():
+    cost = {"cublas": 1.0, "ours": 1.05, "other": 0.9}
+    clock = StepClock(cost, switch=10)
+    out = timing.interleaved_ratios({n: clock.call(n) for n in cost}, reference="cublas", rounds=12, warmup=1, timer=clock)
+    # a round that straddles the step mixes both clocks: the median still gives the true ratio
+    assert out["ours"][0] == pytest.approx(1.05) and out["other"][0] == pytest.approx(0.9)
+    assert out["cublas"] == (1.0, 0.0)
+    rounds = [clock.order[i:i + 3] for i in range(0, len(clock.order), 3)]
+    assert all(sorted(r) == sorted(cost) for r in rounds) and len({tuple(r) for r in rounds}) > 1
+
+
+def test_ratios_reject_an_unknown_reference():
+    with pytest.raises(ValueError, match="reference='cuBLAS' is not one of the calls"):
+        timing.interleaved_ratios({"cublas": lambda: None}, reference="cuBLAS", rounds=2, timer=timing.WallTimer())
