@@ -12,6 +12,8 @@ Variants, timed in this one process on the same shapes:
              that read one x (q/k/v, gate/up) share one op (one shrink and one dA per group)
   ours+ovl, ours+ovl+cg, ours+share+ovl+cg  ... with options={"overlap_backward": True}: each
              site's dA runs on a second CUDA stream beside its dX GEMM
+  ours+gluon, ours+gluon+cg  ours (+cg) with options={"kernels": "gluon"}: the fused GEMMs in
+             warp-specialised Gluon on Hopper (experimental kernel set)
 
 Each step: fresh random tokens, forward, loss, backward, gradients set to None (as
 ``zero_grad()`` does; no optimizer: its cost is the same for all LoRA variants and zero for the
@@ -131,7 +133,7 @@ def build_step(p: float | None, variant: str, layers: int):
                 layer.compile()
         elif variant.startswith("ours"):
             options = {"cudagraphs": graphs, "share_inputs": variant.startswith("ours+share"),
-                       "overlap_backward": "+ovl" in variant}
+                       "overlap_backward": "+ovl" in variant, "kernels": "gluon" if "+gluon" in variant else "auto"}
             model = torch.compile(model, backend="lorafusion", options=options)
     params = [q for q in model.parameters() if q.requires_grad]
     return make_step(model, embed, params, graphs=graphs)

@@ -2,8 +2,9 @@
 
 For each (M, K, N), r=16: the `tl` fused GEMMs of the kernel set (base_expand = x·Wᵀ + s·S·Bᵀ;
 dX = dY·W + m ⊙ dS·A/(1-p) at p=0 and reading keep bits at p=0.1) against cuBLAS x·Wᵀ and dY·W,
-and on Hopper the plain Gluon GEMM (`lorafusion_compiler.codegen.gluon`, both variants, layouts
-"nt" for x·Wᵀ and "nn" for dY·W). The GPU first runs a burn-in (`timing.burn_in`), then every
+and on Hopper the Gluon kernels (`lorafusion_compiler.codegen.gluon`): the fused base_expand and dX
+of the "gluon" kernel set, and the plain GEMM (both variants, layouts "nt" for x·Wᵀ and "nn" for
+dY·W) as the reference of what a GEMM reaches here. The GPU first runs a burn-in (`timing.burn_in`), then every
 round times each CUDA graph (5 calls per graph) in a shuffled order; a figure is the median over
 rounds of (kernel ÷ cuBLAS in the same round), with its interquartile range. The Gluon GEMMs are
 checked against cuBLAS's result first (max error ÷ max |cuBLAS|).
@@ -58,7 +59,11 @@ def shape_calls(m: int, k: int, n: int, *, gluon: bool) -> tuple[dict, dict, dic
            "tl dX keep bits": lambda: tk.dx(dy, w, ds, a, seed, P, bf, keep_bits=bits)}
     errors = {}
     if gluon:
-        from lorafusion_compiler.codegen.gluon import DEFAULT_CONFIGS, gemm
+        from lorafusion_compiler.codegen.gluon import DEFAULT_CONFIGS, gemm, lora_gemm
+
+        fwd["gluon base_expand"] = lambda: lora_gemm.base_expand(x, w, None, s_act, b, 2.0, bf)
+        bwd["gluon dX p=0"] = lambda: lora_gemm.dx(dy, w, ds, a, 0.0, bf)
+        bwd["gluon dX keep bits"] = lambda: lora_gemm.dx(dy, w, ds, a, P, bf, keep_bits=bits)
 
         for variant, cfg in DEFAULT_CONFIGS.items():
             fwd[f"gluon {variant}"] = lambda cfg=cfg: gemm(x, w, b_layout="nt", config=cfg)

@@ -3,7 +3,9 @@
 Layout: ``<dump_dir>/<spec key>/<kernel>.py`` (one file per generated Triton kernel,
 byte-identical to what is compiled) and ``<dump_dir>/manifest.json``: one entry per
 matched site with its module path, kernel set, specialization key and kernel files.
-Sites on the torch kernel set have no generated source; the manifest says so. A site of a
+Sites on the torch kernel set have no generated source; the manifest says so. Sites on the
+``"gluon"`` set list the same Triton sources and a note: where the Gluon GEMMs apply, base_expand
+and dx run from ``codegen/gluon/lora_gemm.py`` (plain Python source, not rendered). A site of a
 shared-input group (``share_inputs``) runs the group's shrink and dA, specialised for the
 group's total rank: its entry names those files and the ``shared_rank``.
 """
@@ -85,7 +87,7 @@ def dump_kernels(dump_dir: str | os.PathLike, sites: list[LoRASite], kernels: li
             "dropout_p": site.dropout_p,
             "fused_base": site.fused_base,
         }
-        if kernel_set == "triton":
+        if kernel_set in ("triton", "gluon"):
             from .codegen import rank_bucket
 
             spec = spec_for_site(site, deterministic=deterministic)
@@ -95,6 +97,9 @@ def dump_kernels(dump_dir: str | os.PathLike, sites: list[LoRASite], kernels: li
                 files.update(_write_sources(root, group_spec, ("shrink", "da")))
                 entry.update(shared_rank=shared_rank[i])
             entry.update(specialization=spec.key, files=files)
+            if kernel_set == "gluon":
+                entry.update(note="base_expand and dx run as Gluon kernels where they apply "
+                                  "(lorafusion_compiler/codegen/gluon/lora_gemm.py), else as the files listed")
         else:
             entry.update(specialization=None, files={}, note="torch reference ops (lorafusion_compiler/ops/reference.py); no generated source")
         manifest["sites"].append(entry)

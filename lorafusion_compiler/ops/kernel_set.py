@@ -1,4 +1,5 @@
-"""Which code computes the five split-at-r kernels: the torch reference or generated Triton.
+"""Which code computes the five split-at-r kernels: the torch reference, generated Triton, or
+generated Triton with the two fused GEMMs in Gluon.
 
 A kernel set is a module exposing ``shrink``, ``base_expand``, ``ds_db``, ``da`` and ``dx``
 with the signatures of ``lorafusion_compiler.ops.reference``.
@@ -10,8 +11,10 @@ from types import ModuleType
 
 __all__ = ["KERNEL_SETS", "get_kernel_set"]
 
-KERNEL_SETS = ("torch", "triton")
-"""Valid names: ``"torch"`` (reference, any device) and ``"triton"`` (GPU, or CPU under TRITON_INTERPRET=1)."""
+KERNEL_SETS = ("torch", "triton", "gluon")
+"""Valid names: ``"torch"`` (reference, any device), ``"triton"`` (GPU, or CPU under TRITON_INTERPRET=1)
+and ``"gluon"`` (experimental: ``"triton"`` with base_expand and dx in Gluon on Hopper where they apply,
+``codegen/gluon/kernel_set.py``)."""
 
 
 def get_kernel_set(name: str) -> ModuleType:
@@ -24,4 +27,8 @@ def get_kernel_set(name: str) -> ModuleType:
         from ..codegen import kernels
 
         return kernels
+    if name == "gluon":
+        from ..codegen.gluon import kernel_set
+
+        return kernel_set
     raise ValueError(f"unknown kernel set {name!r}; choose one of {KERNEL_SETS}")

@@ -294,8 +294,10 @@ def test_multi_launchers_import_in_either_order():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_compiled_model_builds_routing_once_and_matches_eager():
-    """backend kernels="triton": every multi-adapter site reads one shared multi_routing node."""
+@pytest.mark.parametrize("kernels", ["triton", "gluon"])
+def test_compiled_model_builds_routing_once_and_matches_eager(kernels):
+    """backend kernels="triton" or "gluon" (whose multi-adapter launchers are Triton's): every
+    multi-adapter site reads one shared multi_routing node."""
     import torch.nn.functional as F
 
     from lorafusion_compiler.backend import lorafusion_backend
@@ -305,7 +307,7 @@ def test_compiled_model_builds_routing_once_and_matches_eager():
     graphs = []
 
     def backend(gm, example_inputs):
-        compiled = lorafusion_backend(gm, example_inputs, options={"kernels": "triton", "inner_backend": "eager"})
+        compiled = lorafusion_backend(gm, example_inputs, options={"kernels": kernels, "inner_backend": "eager"})
         graphs.append(gm)
         return compiled
 

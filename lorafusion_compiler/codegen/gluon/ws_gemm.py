@@ -302,10 +302,14 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _descriptor(t: torch.Tensor, block: list[int]):
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32, torch.int32: gl.int32}
+
+
+def _descriptor_of(t: torch.Tensor, block: list[int]):
+    """TMA descriptor of 2-D ``t`` for boxes of ``block``, with the default swizzled shared layout."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype]))
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, *, b_layout: str, out: torch.Tensor | None = None,
@@ -326,9 +330,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, b_layout: str, out: torch.Tensor |
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     grid = (max(1, min(_num_sms(a.device.index or 0), tiles)),)
     _gemm_kernel[grid](
-        _descriptor(a, [cfg.block_m, cfg.block_k]),
-        _descriptor(b, [cfg.block_n, cfg.block_k] if kmajor else [cfg.block_k, cfg.block_n]),
-        _descriptor(out, [cfg.consumer_rows, cfg.epi_n]),
+        _descriptor_of(a, [cfg.block_m, cfg.block_k]),
+        _descriptor_of(b, [cfg.block_n, cfg.block_k] if kmajor else [cfg.block_k, cfg.block_n]),
+        _descriptor_of(out, [cfg.consumer_rows, cfg.epi_n]),
         m, n, r, B_KMAJOR=kmajor, PINGPONG=cfg.variant == "ws_pingpong", BLOCK_N=cfg.block_n,
         GROUP_M=cfg.group_m, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
         LOADER_REGS=cfg.loader_regs, num_warps=4,

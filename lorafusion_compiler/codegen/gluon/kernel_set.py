@@ -1,0 +1,83 @@
+"""The ``"gluon"`` kernel set (experimental, opt-in: ``options={"kernels": "gluon"}``): the ``"triton"``
+set with its two fused GEMMs, ``base_expand`` and ``dx``, run by the warp-specialised Gluon kernels
+of ``lora_gemm`` wherever those apply, and by the ``tl`` kernels everywhere else.
+
+Gluon applies to a call when it runs on a Hopper GPU with the activations, weight and output in
+bfloat16 and the adapters in bfloat16 or float32 (rounded to bf16 first, as the Triton kernels
+round them), row-major with sizes that are multiples of 8, a rank in ``lora_gemm.SUPPORTED_RANKS``,
+a weight given, and (dx) the dropout mask given as keep bits when p > 0. The three memory-bound kernels
+(``shrink``, ``ds_db``, ``da``) and the multi-adapter launchers are the ``tl`` ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels as _tl
+from ..kernels import da, ds_db, shrink
+
+__all__ = ["base_expand", "da", "ds_db", "dx", "gluon_applies", "shrink"]
+
+
+def _hopper(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 9
+
+
+_ADAPTER_DTYPES = (torch.bfloat16, torch.float32)
+"""Low-rank operands may be fp32 (PEFT's default adapters): they are rounded to bf16 before the
+kernel, as the Triton kernels round them before their dots (bitwise the same products)."""
+
+
+def _tma_ok(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
+    """2-D, of one of ``dtypes``, both sizes multiples of 8; a bf16 one row-major with 16-byte aligned
+    rows (what the TMA descriptors need; an fp32 one becomes a contiguous bf16 copy)."""
+    if t.dtype not in dtypes or t.dim() != 2 or t.shape[0] % 8 or t.shape[1] % 8:
+        return False
+    return t.dtype != torch.bfloat16 or (t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0)
+
+
+def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, low: torch.Tensor,
+                  right: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+                  p: float = 0.0, keep_bits: torch.Tensor | None = None) -> bool:
+    """Whether ``kernel`` ("base_expand" or "dx") runs in Gluon for these operands: ``a`` = x or dY,
+    ``low`` = S or dS [M, r], ``right`` = B [N, r] or A [r, K]."""
+    from .lora_gemm import SUPPORTED_RANKS
+
+    if weight is None or out_dtype != torch.bfloat16 or not _hopper(a) or low.shape[1] not in SUPPORTED_RANKS:
+        return False
+    if not (_tma_ok(a) and _tma_ok(weight) and _tma_ok(right, _ADAPTER_DTYPES)):
+        return False
+    if kernel == "base_expand":
+        return _tma_ok(low, _ADAPTER_DTYPES) and (
+            bias is None or (bias.dtype == torch.bfloat16 and bias.dim() == 1 and bias.stride(0) == 1))
+    # dS (fp32, from ds_db) is rounded to bf16 inside the kernel; keep bits exist exactly when p > 0
+    low_ok = low.dtype in _ADAPTER_DTYPES and low.stride(1) == 1 and (low.stride(0) * low.element_size()) % 16 == 0
+    return low_ok and (p == 0.0) == (keep_bits is None)
+
+
+def base_expand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, s_act: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``kernels.base_expand``, in Gluon where ``gluon_applies``."""
+    if gluon_applies("base_expand", a=x, weight=weight, low=s_act, right=lora_b, out_dtype=out_dtype, bias=bias):
+        from .lora_gemm import base_expand as gluon_base_expand
+
+        bf16 = torch.bfloat16
+        return gluon_base_expand(x, weight, bias, s_act.to(bf16), lora_b.to(bf16), scale, out_dtype)
+    return _tl.base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype)
+
+
+def dx(dy: torch.Tensor, weight: torch.Tensor | None, ds: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor,
+       p: float, out_dtype: torch.dtype, *, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """``kernels.dx``, in Gluon where ``gluon_applies`` (then the mask comes from ``keep_bits``)."""
+    if gluon_applies("dx", a=dy, weight=weight, low=ds, right=lora_a, out_dtype=out_dtype, p=p, keep_bits=keep_bits):
+        from .lora_gemm import dx as gluon_dx
+
+        return gluon_dx(dy, weight, ds, lora_a.to(torch.bfloat16), p, out_dtype, keep_bits=keep_bits)
+    return _tl.dx(dy, weight, ds, lora_a, seed, p, out_dtype, keep_bits=keep_bits)
+
+
+def __getattr__(name: str):
+    """The multi-adapter launchers (``multi_forward``, ``multi_backward``) are the ``"triton"`` set's."""
+    if name in ("multi_forward", "multi_backward"):
+        return getattr(_tl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
