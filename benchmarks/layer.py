@@ -38,14 +38,23 @@ def eager_lora(x, w, a, b, scale: float, p: float):
 
 
 def make_layers(scale: float, p: float) -> dict[str, Callable]:
-    """name -> fn(x, w, a, b) for the four variants."""
+    """name -> fn(x, w, a, b) for the four variants, and on Hopper a fifth, "gluon": ours with the
+    experimental "gluon" kernel set (the fused GEMMs in warp-specialised Gluon)."""
     compiled = torch.compile(eager_lora, dynamic=False)
-    return {
+    layers = {
         "base": lambda x, w, a, b: F.linear(x, w),
         "eager": lambda x, w, a, b: eager_lora(x, w, a, b, scale, p),
         "inductor": lambda x, w, a, b: compiled(x, w, a, b, scale, p),
         "ours": lambda x, w, a, b: lora_linear(x, w, None, a, b, scale, p, x.dtype, "triton", False)[0],
     }
+    if torch.cuda.get_device_capability()[0] == 9:
+        layers["gluon"] = lambda x, w, a, b: lora_linear(x, w, None, a, b, scale, p, x.dtype, "gluon", False)[0]
+    return layers
+
+
+def _compared(row: dict) -> list[str]:
+    """The LoRA variants a row holds, in table order."""
+    return [name for name in ("eager", "inductor", "ours", "gluon") if name in row]
 
 
 def _inputs(m: int, k: int, n: int, r: int, sets: int, dtype=torch.bfloat16):
@@ -133,18 +142,18 @@ def _fmt(row) -> str:
     m, k, n = row["shape"]
     base = row["base"]
     s = f"{m:5d} {k:5d} {n:5d} r={row['r']:3d} p={row['p']:.1f} | base {base:7.3f} ms"
-    for name in ("eager", "inductor", "ours"):
+    for name in _compared(row):
         s += f" | {name} {row[name] / base:5.2f}"
     if "ours_graph" in row:
         s += " || graphed/base: " + " ".join(
-            f"{nm[:3]} {row[nm + '_graph'] / row['base_graph']:4.2f}" for nm in ("eager", "inductor", "ours"))
+            f"{nm[:3]} {row[nm + '_graph'] / row['base_graph']:4.2f}" for nm in _compared(row))
     if "ours_sus" in row:
         s += f" || sustained/base ({row['base_sus']:.3f} ms): " + " ".join(
-            f"{nm[:3]} {row[nm + '_sus'] / row['base_sus']:4.2f}" for nm in ("eager", "inductor", "ours"))
+            f"{nm[:3]} {row[nm + '_sus'] / row['base_sus']:4.2f}" for nm in _compared(row))
     if "ours_fwd" in row:
-        s += " || fwd/base: " + " ".join(f"{nm[:3]} {row[nm + '_fwd'] / row['base_fwd']:4.2f}" for nm in ("eager", "inductor", "ours"))
+        s += " || fwd/base: " + " ".join(f"{nm[:3]} {row[nm + '_fwd'] / row['base_fwd']:4.2f}" for nm in _compared(row))
     if "ours_mem" in row:
-        s += " || saved MiB: " + " ".join(f"{nm[:3]} {row[nm + '_mem'] / 2**20:7.1f}" for nm in ("eager", "inductor", "ours"))
+        s += " || saved MiB: " + " ".join(f"{nm[:3]} {row[nm + '_mem'] / 2**20:7.1f}" for nm in _compared(row))
     return s
 
 
@@ -160,13 +169,13 @@ def summary(rows) -> str:
         sel = [r_ for r_ in rows if r_["r"] == 16 and r_["p"] == p and r_["shape"][0] == 8192]
         if sel:
             out.append(f"geomean M=8192 r=16 p={p}: " + " ".join(
-                f"{nm} {geomean(r_[nm] / r_['base'] for r_ in sel):.3f}" for nm in ("eager", "inductor", "ours"))
+                f"{nm} {geomean(r_[nm] / r_['base'] for r_ in sel):.3f}" for nm in _compared(sel[0]))
                 + " | graphed: " + " ".join(
                     f"{nm} {geomean(r_[nm + '_graph'] / r_['base_graph'] for r_ in sel):.3f}"
-                    for nm in ("eager", "inductor", "ours"))
+                    for nm in _compared(sel[0]))
                 + ("" if "ours_sus" not in sel[0] else " | sustained: " + " ".join(
                     f"{nm} {geomean(r_[nm + '_sus'] / r_['base_sus'] for r_ in sel):.3f}"
-                    for nm in ("eager", "inductor", "ours"))))
+                    for nm in _compared(sel[0]))))
     return "\n".join(out)
 
 

@@ -41,8 +41,9 @@ def _triton_available() -> bool:
 
 
 def kernel_set_for(x: torch.Tensor | None, adapter_dtype: torch.dtype | None, config: LoRAFusionConfig) -> str:
-    """``"triton"`` or ``"torch"`` for a site (single- or multi-adapter) whose input is ``x``
-    (example value) and whose adapters are ``adapter_dtype``, following ``config.kernels``."""
+    """The kernel set of a site (single- or multi-adapter) whose input is ``x`` (example value) and
+    whose adapters are ``adapter_dtype``: ``config.kernels`` unless it is ``"auto"``, which picks
+    ``"triton"`` or ``"torch"``."""
     if config.kernels != "auto":
         return config.kernels
     on_cuda = x is not None and x.device.type == "cuda"
