@@ -93,15 +93,17 @@ def test_cli_bad_value_is_named(capsys):
     assert "steps=0" in capsys.readouterr().err
 
 
-def test_dump_dir_writes_sources_and_manifest(tmp_path):
+@pytest.mark.parametrize("kernels", ["triton", "gluon"])
+def test_dump_dir_writes_sources_and_manifest(tmp_path, kernels):
     import json
 
     model = OneLoRA()
-    lorafusion.explain(model, torch.randn(5, 8), dump_dir=str(tmp_path), kernels="triton", rewrite=False)
+    lorafusion.explain(model, torch.randn(5, 8), dump_dir=str(tmp_path), kernels=kernels, rewrite=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     (entry,) = manifest["sites"]
-    assert entry["kernels"] == "triton" and entry["rank"] == 2 and entry["module_path"] == ""
+    assert entry["kernels"] == kernels and entry["rank"] == 2 and entry["module_path"] == ""
     assert entry["files"], entry
+    assert ("codegen/gluon/lora_gemm.py" in entry.get("note", "")) == (kernels == "gluon")
     for name, rel in entry["files"].items():
         source = (tmp_path / rel).read_text()
         assert "@triton.jit" in source and entry["specialization"] in rel, name
