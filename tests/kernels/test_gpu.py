@@ -1,4 +1,5 @@
-"""bf16 checks of the op on the GPU (the benchmark shapes plus an odd one); skipped without CUDA."""
+"""bf16 checks of the op on the GPU (the benchmark shapes plus an odd one), with the Triton and the
+Gluon kernel sets (the latter runs Gluon GEMMs on Hopper only); skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.parametrize("kernels", ["triton", "gluon"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bf16_op_vs_float64(shape, p):
+def test_bf16_op_vs_float64(shape, p, kernels):
     m, k, n, r = shape
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
@@ -31,7 +33,7 @@ def test_bf16_op_vs_float64(shape, p):
     a = (torch.randn(r, k, device="cuda") / math.sqrt(k)).requires_grad_()  # PEFT default: fp32 adapters
     b = torch.randn(n, r, device="cuda").requires_grad_()
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    y, _, seed = lora_linear(x, w, bias, a, b, 32.0 / r, p, torch.bfloat16, "triton", False)
+    y, _, seed = lora_linear(x, w, bias, a, b, 32.0 / r, p, torch.bfloat16, kernels, False)
     y.backward(dy)
     d = torch.float64
     s = ref.shrink(x.detach().to(d), a.detach().to(d), seed, p)
