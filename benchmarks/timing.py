@@ -69,6 +69,30 @@ class WallTimer:
         pass
 
 
+def _timed_rounds(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: int, timer: Timer | None,
+                  shuffle: random.Random | None = None) -> list[dict[str, float]]:
+    """Milliseconds of every call in each of the ``rounds`` counted rounds: ``warmup + rounds`` rounds
+    call every entry once, in the mapping's order or, with ``shuffle``, a fresh order per round;
+    the first ``warmup`` are not kept. Times are read once every call was issued."""
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    timer = CudaEventTimer() if timer is None else timer
+    order = list(calls)
+    marks: list[dict[str, Any]] = []
+    for i in range(warmup + rounds):
+        if shuffle is not None:
+            shuffle.shuffle(order)
+        round_marks = {}
+        for name in order:
+            started = timer.start()
+            calls[name]()
+            round_marks[name] = timer.stop(started)
+        if i >= warmup:
+            marks.append(round_marks)
+    timer.wait()
+    return [{name: timer.elapsed_ms(m) for name, m in round_marks.items()} for round_marks in marks]
+
+
 def interleaved_ms(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: int = 3,
                    timer: Timer | None = None) -> dict[str, float]:
     """Median milliseconds per call of every entry of ``calls``, called round-robin.
@@ -76,20 +100,8 @@ def interleaved_ms(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmu
     Each of ``warmup + rounds`` rounds calls every entry once, in the mapping's order; the first
     ``warmup`` rounds are not timed. ``timer`` defaults to CUDA events.
     """
-    if rounds < 1 or warmup < 0:
-        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
-    timer = CudaEventTimer() if timer is None else timer
-    marks: dict[str, list[Any]] = {name: [] for name in calls}
-    for i in range(warmup + rounds):
-        for name, call in calls.items():
-            started = timer.start()
-            call()
-            stopped = timer.stop(started)
-            if i >= warmup:
-                marks[name].append(stopped)
-    timer.wait()
-    return {name: statistics.median(timer.elapsed_ms(m) for m in ms) for name, ms in marks.items()}
-
+    timed = _timed_rounds(calls, rounds=rounds, warmup=warmup, timer=timer)
+    return {name: statistics.median(r[name] for r in timed) for name in calls}
 
 
 def interleaved_ratios(calls: Mapping[str, Callable[[], Any]], *, reference: str, rounds: int, warmup: int = 1,
@@ -101,24 +113,10 @@ def interleaved_ratios(calls: Mapping[str, Callable[[], Any]], *, reference: str
     """
     if reference not in calls:
         raise ValueError(f"reference={reference!r} is not one of the calls {sorted(calls)}")
-    if rounds < 1 or warmup < 0:
-        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
-    timer = CudaEventTimer() if timer is None else timer
-    order, rng = list(calls), random.Random(seed)
-    marks: list[dict[str, Any]] = []
-    for i in range(warmup + rounds):
-        rng.shuffle(order)
-        round_marks = {}
-        for name in order:
-            started = timer.start()
-            calls[name]()
-            round_marks[name] = timer.stop(started)
-        if i >= warmup:
-            marks.append(round_marks)
-    timer.wait()
+    timed = _timed_rounds(calls, rounds=rounds, warmup=warmup, timer=timer, shuffle=random.Random(seed))
     out = {}
     for name in calls:
-        ratios = [timer.elapsed_ms(m[name]) / timer.elapsed_ms(m[reference]) for m in marks]
+        ratios = [r[name] / r[reference] for r in timed]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         out[name] = (statistics.median(ratios), q[2] - q[0])
     return out
