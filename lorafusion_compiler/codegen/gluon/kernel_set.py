@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels as _tl
-from ..kernels import da, ds_db, shrink
+from ..kernels import _tma_rows, da, ds_db, shrink
 
 __all__ = ["base_expand", "da", "ds_db", "dx", "gluon_applies", "shrink"]
 
@@ -33,7 +33,7 @@ def _tma_ok(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
     rows (what the TMA descriptors need; an fp32 one becomes a contiguous bf16 copy)."""
     if t.dtype not in dtypes or t.dim() != 2 or t.shape[0] % 8 or t.shape[1] % 8:
         return False
-    return t.dtype != torch.bfloat16 or (t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0)
+    return t.dtype != torch.bfloat16 or _tma_rows(t)
 
 
 def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, low: torch.Tensor,
@@ -51,8 +51,7 @@ def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, 
         return _tma_ok(low, _ADAPTER_DTYPES) and (
             bias is None or (bias.dtype == torch.bfloat16 and bias.dim() == 1 and bias.stride(0) == 1))
     # dS (fp32, from ds_db) is rounded to bf16 inside the kernel; keep bits exist exactly when p > 0
-    low_ok = low.dtype in _ADAPTER_DTYPES and low.stride(1) == 1 and (low.stride(0) * low.element_size()) % 16 == 0
-    return low_ok and (p == 0.0) == (keep_bits is None)
+    return low.dtype in _ADAPTER_DTYPES and _tma_rows(low) and (p == 0.0) == (keep_bits is None)
 
 
 def base_expand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, s_act: torch.Tensor,

@@ -36,9 +36,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from ..kernels import _tma_rows
 from .ws_gemm import _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _num_sms, _tile_offsets
 
-__all__ = ["SUPPORTED_RANKS", "base_expand", "dx"]
+__all__ = ["SUPPORTED_RANKS", "base_expand", "dx", "prepare_base_expand", "prepare_dx"]
 
 SUPPORTED_RANKS = (8, 16, 32, 64)
 """Ranks the kernels take (the low-rank wgmma's K is max(r, 16); larger ranks use the ``tl`` kernels)."""
@@ -342,12 +343,16 @@ def _check_rank(r: int, name: str) -> None:
         raise ValueError(f"rank r={r} (from {name}) is not supported; expected one of {SUPPORTED_RANKS}")
 
 
-def _launch(a, b, l_mat, r_mat, b_kmajor: bool, out, bias, bits, lscale: float, m: int, n: int, k: int, *, num_sms=None):
-    """Descriptors and launch of ``_lora_gemm_kernel`` for C[m, n] = A[m, k]·B (see its docstring);
-    ``num_sms`` given: return (grid, args, constexprs) instead of launching (static compiles)."""
+Launch = tuple[tuple[int], tuple, dict, torch.Tensor]
+"""(grid, arguments, constexprs, output) of one ``_lora_gemm_kernel`` launch."""
+
+
+def _launch_args(a, b, l_mat, r_mat, b_kmajor: bool, out, bias, bits, lscale: float, m: int, n: int, k: int,
+                 num_sms: int | None) -> Launch:
+    """Descriptors and launch arguments of ``_lora_gemm_kernel`` for C[m, n] = A[m, k]·B (see its docstring)."""
     rank_pad = max(16, l_mat.shape[1])
-    # TMA needs 16-byte aligned rows of bits ([M, n/8] bytes): n % 128 == 0
-    bits_tma = bits is not None and bits.shape[1] % 16 == 0 and bits.data_ptr() % 16 == 0
+    # bits [M, n/8] bytes through TMA need 16-byte aligned rows (n % 128 == 0)
+    bits_tma = bits is not None and _tma_rows(bits)
     stages, epi_n = _stages_and_epi(rank_pad, l_mat.element_size(), bits_tma)
     l_desc = _descriptor_of(l_mat, [_BLOCK_M, rank_pad])
     # bits as int32 words [M, n/32]: each thread then reads whole words
@@ -362,10 +367,7 @@ def _launch(a, b, l_mat, r_mat, b_kmajor: bool, out, bias, bits, lscale: float, 
                       LOADER_REGS=_LOADER_REGS, num_warps=4)
     tiles = -(-m // _BLOCK_M) * -(-n // _BLOCK_N)
     grid = (max(1, min(num_sms or _num_sms(a.device.index or 0), tiles)),)
-    if num_sms is not None:
-        return grid, args, constexprs
-    _lora_gemm_kernel[grid](*args, **constexprs)
-    return out
+    return grid, args, constexprs, out
 
 
 def _same_device(**tensors: torch.Tensor) -> None:
@@ -380,10 +382,11 @@ def _new_out(m: int, n: int, out_dtype: torch.dtype, like: torch.Tensor) -> torc
     return torch.empty(m, n, dtype=torch.bfloat16, device=like.device)
 
 
-def base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s_act: torch.Tensor,
-                lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype, *, num_sms: int | None = None):
-    """y = x Wᵀ + bias + scale·S Bᵀ -> [M, N] bf16: x [M, K], W [N, K], bias [N] or None, S [M, r], B [N, r],
-    all bf16 and row-major with sizes that are multiples of 8; r in ``SUPPORTED_RANKS``."""
+def prepare_base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s_act: torch.Tensor,
+                        lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype, *,
+                        num_sms: int | None = None) -> Launch:
+    """Checks and launch arguments of ``base_expand`` (host work only: with ``num_sms`` given it needs
+    no GPU, e.g. for static compiles)."""
     _check_operand("x", x, ("M", "K"))
     _check_operand("weight", weight, ("N", "K"))
     m, k = x.shape
@@ -404,14 +407,12 @@ def base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"scale={scale} must be finite")
     _same_device(x=x, weight=weight, s_act=s_act, lora_b=lora_b, bias=bias)
     out = _new_out(m, n, out_dtype, x)
-    return _launch(x, weight, s_act, lora_b, True, out, bias, None, float(scale), m, n, k, num_sms=num_sms)
+    return _launch_args(x, weight, s_act, lora_b, True, out, bias, None, float(scale), m, n, k, num_sms)
 
 
-def dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a: torch.Tensor, p: float,
-       out_dtype: torch.dtype, *, keep_bits: torch.Tensor | None = None, num_sms: int | None = None):
-    """dX = dY W + m ⊙ (dS A)/(1-p) -> [M, K] bf16: dY [M, N], W [N, K], A [r, K] bf16; dS [M, r] fp32
-    or bf16; for p > 0 the mask comes from ``keep_bits`` (uint8 [M, K/8] as ``da`` wrote them: this
-    kernel does not regenerate it from the seed)."""
+def prepare_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a: torch.Tensor, p: float,
+               out_dtype: torch.dtype, *, keep_bits: torch.Tensor | None = None, num_sms: int | None = None) -> Launch:
+    """Checks and launch arguments of ``dx`` (host work only, as ``prepare_base_expand``)."""
     _check_operand("dy", dy, ("M", "N"))
     _check_operand("weight", weight, ("N", "K"))
     m, n = dy.shape
@@ -422,7 +423,7 @@ def dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a: torch.T
         raise ValueError(f"ds must be a float32 or bfloat16 [M={m}, r] tensor, got {ds.dtype} {tuple(ds.shape)}")
     _check_rank(ds.shape[1], f"ds.shape={tuple(ds.shape)}")
     r = ds.shape[1]
-    if ds.stride(1) != 1 or (ds.stride(0) * ds.element_size()) % 16 or ds.data_ptr() % 16:
+    if not _tma_rows(ds):
         raise ValueError(f"ds must be row-major with 16-byte aligned rows, got strides {ds.stride()}")
     _check_operand("lora_a", lora_a, ("r", "K"))
     if tuple(lora_a.shape) != (r, k):
@@ -438,4 +439,25 @@ def dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a: torch.T
                          f"{keep_bits.dtype} {tuple(keep_bits.shape)}")
     _same_device(dy=dy, weight=weight, ds=ds, lora_a=lora_a, keep_bits=keep_bits)
     out = _new_out(m, k, out_dtype, dy)
-    return _launch(dy, weight, ds, lora_a, False, out, None, keep_bits, 1.0 / (1.0 - p), m, k, n, num_sms=num_sms)
+    return _launch_args(dy, weight, ds, lora_a, False, out, None, keep_bits, 1.0 / (1.0 - p), m, k, n, num_sms)
+
+
+def _run(launch: Launch) -> torch.Tensor:
+    grid, args, constexprs, out = launch
+    _lora_gemm_kernel[grid](*args, **constexprs)
+    return out
+
+
+def base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s_act: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = x Wᵀ + bias + scale·S Bᵀ -> [M, N] bf16: x [M, K], W [N, K], bias [N] or None, S [M, r], B [N, r],
+    all bf16 and row-major with sizes that are multiples of 8; r in ``SUPPORTED_RANKS``."""
+    return _run(prepare_base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype))
+
+
+def dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a: torch.Tensor, p: float,
+       out_dtype: torch.dtype, *, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """dX = dY W + m ⊙ (dS A)/(1-p) -> [M, K] bf16: dY [M, N], W [N, K], A [r, K] bf16; dS [M, r] fp32
+    or bf16; for p > 0 the mask comes from ``keep_bits`` (uint8 [M, K/8] as ``da`` wrote them: this
+    kernel does not regenerate it from the seed)."""
+    return _run(prepare_dx(dy, weight, ds, lora_a, p, out_dtype, keep_bits=keep_bits))

@@ -37,6 +37,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from ..kernels import _tma_rows
+
 __all__ = ["DEFAULT_CONFIGS", "GemmConfig", "gemm"]
 
 _SMEM_LIMIT = 232448
@@ -278,7 +280,7 @@ def _check_operand(name: str, t: torch.Tensor, dims: tuple[str, str]) -> None:
     for dim, size in zip(dims, t.shape):
         if size % 8:
             raise ValueError(f"{dim}={size} ({name}.shape={tuple(t.shape)}) must be a multiple of 8: TMA needs 16-byte aligned rows")
-    if t.stride(1) != 1 or t.stride(0) % 8 or t.data_ptr() % 16:
+    if not _tma_rows(t):
         raise ValueError(f"{name} must be row-major with 16-byte aligned start and rows, got strides {t.stride()}")
 
 
