@@ -121,18 +121,16 @@ def lora_linear_backward(
     dy2 = dy.reshape(-1, dy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     ds, d_b = impl.ds_db(dy2, lora_b, s_act, scale, deterministic=deterministic)
-    if not needs_dx:
-        return x.new_empty(0), impl.da(x2, ds, seed, dropout_p, lora_a.dtype, deterministic=deterministic), d_b
     # dA beside dX (side_stream.py): dX regenerates the mask; dA then dX on one stream: dA hands
     # its regenerated mask to dX as keep bits
-    stream = side_stream(x.device) if overlap_backward else None
-    bits = new_keep_bits(x2, dropout_p, lora_a.shape[0]) if stream is None else None
+    stream = side_stream(x.device) if needs_dx and overlap_backward else None
+    bits = new_keep_bits(x2, dropout_p, lora_a.shape[0]) if needs_dx and stream is None else None
     d_a, d_x = beside(
         stream,
         lambda: impl.da(x2, ds, seed, dropout_p, lora_a.dtype, deterministic=deterministic, keep_bits=bits),
-        lambda: impl.dx(dy2, weight, ds, lora_a, seed, dropout_p, x.dtype, keep_bits=bits),
+        lambda: impl.dx(dy2, weight, ds, lora_a, seed, dropout_p, x.dtype, keep_bits=bits) if needs_dx else None,
     )
-    return d_x.reshape(x.shape), d_a, d_b
+    return (d_x.reshape(x.shape) if needs_dx else x.new_empty(0)), d_a, d_b
 
 
 @lora_linear_backward.register_fake
