@@ -65,12 +65,13 @@ def shape_calls(m: int, k: int, n: int, *, gluon: bool) -> tuple[dict, dict, dic
         bwd["gluon dX p=0"] = lambda: lora_gemm.dx(dy, w, ds, a, 0.0, bf)
         bwd["gluon dX keep bits"] = lambda: lora_gemm.dx(dy, w, ds, a, P, bf, keep_bits=bits)
 
+        refs = {"nt": (x @ w.t()).float(), "nn": (dy @ w).float()}
         for variant, cfg in DEFAULT_CONFIGS.items():
             fwd[f"gluon {variant}"] = lambda cfg=cfg: gemm(x, w, b_layout="nt", config=cfg)
             bwd[f"gluon {variant}"] = lambda cfg=cfg: gemm(dy, w, b_layout="nn", config=cfg)
-            for side, ref in (("nt", x @ w.t()), ("nn", dy @ w)):
-                got = (fwd if side == "nt" else bwd)[f"gluon {variant}"]()
-                errors[f"{variant} {side}"] = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            for side, ref in refs.items():
+                got = (fwd if side == "nt" else bwd)[f"gluon {variant}"]().float()
+                errors[f"{variant} {side}"] = ((got - ref).abs().max() / ref.abs().max()).item()
     return fwd, bwd, errors
 
 
