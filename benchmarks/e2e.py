@@ -13,7 +13,9 @@ Variants, timed in this one process on the same shapes:
   ours+ovl, ours+ovl+cg, ours+share+ovl+cg  ... with options={"overlap_backward": True}: each
              site's dA runs on a second CUDA stream beside its dX GEMM
   ours+gluon, ours+gluon+cg  ours (+cg) with options={"kernels": "gluon"}: the fused GEMMs in
-             warp-specialised Gluon on Hopper (experimental kernel set)
+             warp-specialised Gluon on Hopper ("auto" picks them for bf16 with cudagraphs on Hopper)
+  ours+triton, ours+triton+cg  ours (+cg) with options={"kernels": "triton"}: the Triton kernels
+             only (what "auto" picks without graphs, and picked with them before session 14)
 
 Each step: fresh random tokens, forward, loss, backward, gradients set to None (as
 ``zero_grad()`` does; no optimizer: its cost is the same for all LoRA variants and zero for the
@@ -119,6 +121,11 @@ def profile_step(step, ids, path: str) -> None:
         f.write(table.table(sort_by="self_device_time_total", row_limit=100, max_name_column_width=90))
 
 
+def _kernels_of(variant: str) -> str:
+    """The ``kernels`` option of an ``ours`` variant: ``+gluon`` / ``+triton`` force a set, else "auto"."""
+    return next((name for name in ("gluon", "triton") if f"+{name}" in variant), "auto")
+
+
 def build_step(p: float | None, variant: str, layers: int):
     """A fresh model of ``variant`` (module docstring) at dropout ``p`` and its training-step function."""
     base = build_base(layers)
@@ -133,7 +140,7 @@ def build_step(p: float | None, variant: str, layers: int):
                 layer.compile()
         elif variant.startswith("ours"):
             options = {"cudagraphs": graphs, "share_inputs": variant.startswith("ours+share"),
-                       "overlap_backward": "+ovl" in variant, "kernels": "gluon" if "+gluon" in variant else "auto"}
+                       "overlap_backward": "+ovl" in variant, "kernels": _kernels_of(variant)}
             model = torch.compile(model, backend="lorafusion", options=options)
     params = [q for q in model.parameters() if q.requires_grad]
     return make_step(model, embed, params, graphs=graphs)

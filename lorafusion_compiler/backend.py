@@ -40,16 +40,32 @@ def _triton_available() -> bool:
     return True
 
 
+def _gluon_available(device: torch.device) -> bool:
+    """A Hopper GPU and a Triton with Gluon (``triton.experimental.gluon``)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    try:
+        from triton.experimental import gluon  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def kernel_set_for(x: torch.Tensor | None, adapter_dtype: torch.dtype | None, config: LoRAFusionConfig) -> str:
     """The kernel set of a site (single- or multi-adapter) whose input is ``x`` (example value) and
     whose adapters are ``adapter_dtype``: ``config.kernels`` unless it is ``"auto"``, which picks
-    ``"triton"`` or ``"torch"``."""
+    ``"torch"`` off CUDA (or without Triton), ``"gluon"`` for bf16 activations on a Hopper GPU when
+    the step is CUDA-graph replayed (``config.cudagraphs``), and ``"triton"`` otherwise. Without
+    graphs the Gluon launches' extra host work (TMA descriptors, bf16 copies of fp32 adapters)
+    outweighs their faster GEMMs (BENCHMARKS.md, fourteenth session)."""
     if config.kernels != "auto":
         return config.kernels
     on_cuda = x is not None and x.device.type == "cuda"
     dtypes_ok = x is not None and x.dtype in _TRITON_DTYPES and adapter_dtype in _TRITON_DTYPES
     if not (on_cuda and dtypes_ok and _triton_available()):
         return "torch"
+    if config.cudagraphs and x.dtype == torch.bfloat16 and _gluon_available(x.device):
+        return "gluon"
     return "triton"
 
 

@@ -143,6 +143,27 @@ def test_auto_kernel_choice_per_device_and_dtype():
     assert kernel_set_for(cuda_bf16, torch.bfloat16, forced) == "torch"
 
 
+@pytest.mark.parametrize("capability, graphs, dtype, expected", [
+    ((9, 0), True, torch.bfloat16, "gluon"),      # Hopper, graph-replayed, bf16: the Gluon GEMMs
+    ((9, 0), False, torch.bfloat16, "triton"),    # without graphs their host work costs more than they save
+    ((9, 0), True, torch.float16, "triton"),      # the Gluon GEMMs are bf16 only
+    ((8, 0), True, torch.bfloat16, "triton"),     # not Hopper
+    ((10, 0), True, torch.bfloat16, "triton"),
+])
+def test_auto_picks_gluon_only_for_graphed_bf16_on_hopper(capability, graphs, dtype, expected, monkeypatch):
+    pytest.importorskip("triton.experimental.gluon")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lorafusion_compiler.backend import kernel_set_for
+    from lorafusion_compiler.config import LoRAFusionConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with FakeTensorMode():
+        x = torch.empty(4, 8, device="cuda", dtype=dtype)
+    assert kernel_set_for(x, torch.float32, LoRAFusionConfig(cudagraphs=graphs)) == expected
+
+
 @pytest.mark.parametrize("graphs", [True, False])
 def test_cudagraphs_option_reaches_inductor(graphs, monkeypatch):
     """options={"cudagraphs": True} compiles the rewritten graph with Inductor's cudagraph trees

@@ -12,19 +12,17 @@ from collections.abc import Callable
 from functools import lru_cache
 
 import torch
-import triton
 
 from ..ops.dropout_mask import drop_threshold
 from .autotune import TileConfig, cdiv, grid_programs, interpreting, next_pow2, num_sms, run_tuned
 from .cache import load_kernel
+from .launch import launch
 from .render import KernelSpec, rank_bucket
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
 except ImportError:  # older Triton: pointer loads only
     _TensorDescriptor = None
-
-_KNOBS = getattr(triton, "knobs", None)
 
 __all__ = ["shrink", "base_expand", "ds_db", "da", "dx", "multi_forward", "multi_backward"]
 
@@ -60,44 +58,9 @@ def _split(blocks: int, other_blocks: int, device: torch.device, cfg: TileConfig
     return max(1, min(next_pow2(want), next_pow2(blocks)))
 
 
-_COMPILED: dict[tuple, object] = {}
-
-
-def _arg_signature(args: tuple) -> tuple:
-    """What Triton specialises a launch on: tensor dtype + 16-byte alignment, int size/divisibility."""
-    sig = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            sig.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif _TensorDescriptor is not None and isinstance(a, _TensorDescriptor):
-            sig.append((a.base.dtype, tuple(a.block_shape), a.base.data_ptr() % 16 == 0))
-        elif isinstance(a, int):
-            sig.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
-        else:
-            sig.append(type(a))
-    return tuple(sig)
-
-
 def _launch(kernel, grid: tuple[int, ...], args: tuple, cfg: TileConfig, **constexprs: int) -> None:
-    """``kernel[grid](*args, **constexprs, **cfg.kwargs)``, skipping Triton's per-call binder once the
-    compiled kernel for this specialisation is known (saves ~20 us of host time per launch)."""
-    if 0 in grid:  # empty input (M == 0): nothing to compute, and CUDA rejects empty grids
-        return
-    if interpreting() or _KNOBS is None:
-        kernel[grid](*args, **constexprs, **cfg.kwargs)
-        return
-    key = (kernel, cfg, tuple(constexprs.items()), torch.cuda.current_device(), _arg_signature(args))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        _COMPILED[key] = kernel[grid](*args, **constexprs, **cfg.kwargs)
-        return
-    meta = {**cfg.meta, **constexprs}
-    full = (*args, *(meta[name] for name in kernel.arg_names[len(args):]))
-    stream = torch.cuda.current_stream().cuda_stream
-    grid = (*grid, 1, 1)
-    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(grid, stream, *full),
-                 _KNOBS.runtime.launch_enter_hook, _KNOBS.runtime.launch_exit_hook, *full)
+    """``kernel[grid](*args, **constexprs, **cfg.kwargs)`` through ``launch.launch`` (no per-call binder)."""
+    launch(kernel, grid, args, {**cfg.meta, **constexprs}, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
 @lru_cache(maxsize=None)

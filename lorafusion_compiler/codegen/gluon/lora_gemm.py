@@ -37,7 +37,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ..kernels import _tma_rows
-from .ws_gemm import _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _num_sms, _tile_offsets
+from ..launch import launch as launch_kernel
+from .ws_gemm import _OPTIONS, _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _num_sms, _tile_offsets
 
 __all__ = ["SUPPORTED_RANKS", "base_expand", "dx", "prepare_base_expand", "prepare_dx"]
 
@@ -364,7 +365,7 @@ def _launch_args(a, b, l_mat, r_mat, b_kmajor: bool, out, bias, bits, lscale: fl
             bits if bits is not None else out, bits.stride(0) if bits is not None else 0, float(lscale), m, n, k)
     constexprs = dict(B_KMAJOR=b_kmajor, HAS_BIAS=bias is not None, HAS_BITS=bits is not None, BITS_TMA=bits_tma,
                       BLOCK_N=_BLOCK_N, GROUP_M=_GROUP_M, NUM_STAGES=stages, CONSUMER_REGS=_CONSUMER_REGS,
-                      LOADER_REGS=_LOADER_REGS, num_warps=4)
+                      LOADER_REGS=_LOADER_REGS)
     tiles = -(-m // _BLOCK_M) * -(-n // _BLOCK_N)
     grid = (max(1, min(num_sms or _num_sms(a.device.index or 0), tiles)),)
     return grid, args, constexprs, out
@@ -444,7 +445,7 @@ def prepare_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a:
 
 def _run(launch: Launch) -> torch.Tensor:
     grid, args, constexprs, out = launch
-    _lora_gemm_kernel[grid](*args, **constexprs)
+    launch_kernel(_lora_gemm_kernel, grid, args, constexprs, _OPTIONS)
     return out
 
 
