@@ -1,8 +1,8 @@
 """Kernel launches without Triton's per-call binder.
 
 ``kernel[grid](*args, **meta)`` binds and specialises every argument on every call before it
-reaches the compiled kernel: ~20 µs of host time for a Triton kernel, more for one taking host
-TMA descriptors. ``launch`` keeps the compiled kernel of each specialisation (the constexprs, the
+reaches the compiled kernel: ~20 µs of host time for a Triton kernel, 8–9 µs more than this path
+for the Gluon GEMMs (H200 VM, BENCHMARKS.md, fourteenth session). ``launch`` keeps the compiled kernel of each specialisation (the constexprs, the
 launch options, the device and ``arg_signature`` of the runtime arguments) after its first
 launch and calls it directly from then on. Used by the ``tl`` launchers (``kernels.py``) and the
 Gluon ones (``gluon/``).

@@ -314,7 +314,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32, torch.int3
 
 @functools.lru_cache(maxsize=None)
 def _shared_layout(block: tuple[int, ...], dtype: torch.dtype):
-    """The default swizzled shared layout of a ``block`` box of ``dtype`` (cached: ~10 µs of host time)."""
+    """The default swizzled shared layout of a ``block`` box of ``dtype`` (cached: building it takes ~6 µs of host time)."""
     return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPES[dtype])
 
 
