@@ -40,15 +40,23 @@ def _triton_available() -> bool:
     return True
 
 
+GLUON_TRITON_VERSIONS = ("3.6.",)
+"""Triton releases whose Gluon API the ``"gluon"`` kernels were validated on (on an H200); Gluon is
+experimental and changes between releases, so ``"auto"`` stays with Triton elsewhere (``kernels="gluon"``
+still forces it)."""
+
+
 def _gluon_available(device: torch.device) -> bool:
-    """A Hopper GPU and a Triton with Gluon (``triton.experimental.gluon``)."""
+    """A Hopper GPU, and a Triton whose Gluon API the ``"gluon"`` kernels were validated on."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] != 9:
         return False
     try:
-        from triton.experimental import gluon  # noqa: F401
-    except ImportError:
+        import triton
+
+        from .codegen.gluon import lora_gemm  # noqa: F401  (the Gluon symbols the kernels use)
+    except Exception:  # no Gluon, or one without those symbols
         return False
-    return True
+    return triton.__version__.startswith(GLUON_TRITON_VERSIONS)
 
 
 def kernel_set_for(x: torch.Tensor | None, adapter_dtype: torch.dtype | None, config: LoRAFusionConfig) -> str:

@@ -33,7 +33,8 @@ class LoRAFusionConfig:
     """Who computes the LoRA kernels: ``"triton"`` (generated Triton kernels; on a CPU only
     under ``TRITON_INTERPRET=1``), ``"torch"`` (the reference ops), or ``"auto"``: Triton for
     CUDA tensors of fp16/bf16/fp32 when Triton imports, torch otherwise, and ``"gluon"`` instead of
-    Triton for bf16 on a Hopper GPU when ``cudagraphs`` is on. ``"gluon"``: the Triton kernels with
+    Triton for bf16 on a Hopper GPU when ``cudagraphs`` is on (and Triton is a release the Gluon
+    kernels were validated on, ``backend.GLUON_TRITON_VERSIONS``). ``"gluon"``: the Triton kernels with
     the two fused GEMMs (base_expand, dX) run by warp-specialised Gluon kernels on Hopper wherever
     they apply (bf16, ranks 8–64; ``codegen/gluon/kernel_set.py``): 0.99–1.00× cuBLAS per GEMM on an
     H200 against 1.01–1.30× for Triton's, but more host work per launch, so it pays only when the

@@ -157,11 +157,31 @@ def test_auto_picks_gluon_only_for_graphed_bf16_on_hopper(capability, graphs, dt
     from lorafusion_compiler.backend import kernel_set_for
     from lorafusion_compiler.config import LoRAFusionConfig
 
+    import triton
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
     with FakeTensorMode():
         x = torch.empty(4, 8, device="cuda", dtype=dtype)
     assert kernel_set_for(x, torch.float32, LoRAFusionConfig(cudagraphs=graphs)) == expected
+
+
+def test_auto_keeps_triton_on_a_triton_whose_gluon_was_not_validated(monkeypatch):
+    pytest.importorskip("triton.experimental.gluon")
+    import triton
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lorafusion_compiler.backend import kernel_set_for
+    from lorafusion_compiler.config import LoRAFusionConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    with FakeTensorMode():
+        x = torch.empty(4, 8, device="cuda", dtype=torch.bfloat16)
+    assert kernel_set_for(x, torch.float32, LoRAFusionConfig(cudagraphs=True)) == "triton"
+    assert kernel_set_for(x, torch.float32, LoRAFusionConfig(cudagraphs=True, kernels="gluon")) == "gluon"
 
 
 @pytest.mark.parametrize("graphs", [True, False])

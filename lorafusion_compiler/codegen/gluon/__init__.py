@@ -4,8 +4,9 @@ cannot express on Hopper (``docs/gemm-rewrite-plan.md``).
 
 * ``ws_gemm``: a persistent warp-specialised GEMM (``gemm``), at cuBLAS speed on an H200;
 * ``lora_gemm``: the fused ``base_expand`` and ``dx`` built on it;
-* ``kernel_set``: the experimental ``"gluon"`` kernel set (those two where they apply, the Triton
-  kernels elsewhere).
+* ``kernel_set``: the ``"gluon"`` kernel set (those two where they apply, the Triton kernels
+  elsewhere); ``kernels="auto"`` picks it for bf16 with CUDA graphs on Hopper
+  (``backend.kernel_set_for``).
 
 Measured by ``benchmarks/gemm_check.py`` (``docs/kernel-notes/fused-gemms.md``). Gluon has no
 interpreter: these kernels run on a GPU only, written against the Gluon API of Triton 3.6.
