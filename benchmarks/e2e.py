@@ -20,7 +20,9 @@ Variants, timed in this one process on the same shapes:
 Each step: fresh random tokens, forward, loss, backward, gradients set to None (as
 ``zero_grad()`` does; no optimizer: its cost is the same for all LoRA variants and zero for the
 floor). Reported: median step time over
-CUDA events, tokens/s, ratio to the floor, peak memory.
+CUDA events, tokens/s, ratio to the floor, peak memory, and the median host time of a step ("host
+ms": the Python time to enqueue it, no sync). Host ms close to ms/step means the host bounds the
+step (or the GPU's launch queue was full and made the host wait); well below it, the GPU does.
 
     python benchmarks/e2e.py --layers 8 --tokens 4096 --dropout 0.1
     python benchmarks/e2e.py --layers 8 --dropout 0.0 --variants floor+cg ours+cg ours+ovl+cg --interleave
@@ -37,6 +39,7 @@ import gc
 import json
 import os
 import statistics
+import time
 
 import torch
 
@@ -73,23 +76,36 @@ def unwrap_peft(peft_model):
     return peft_model.unload()
 
 
-def time_steps(step, *, tokens: int, seq: int, steps: int, warmup: int) -> tuple[float, float]:
-    """Median ms per step and peak GiB."""
+def host_timed(step):
+    """``step`` wrapped to record the host ms of each call (no sync) in ``.host_ms``."""
+
+    def call(*args):
+        start = time.perf_counter()
+        step(*args)
+        call.host_ms.append((time.perf_counter() - start) * 1e3)
+
+    call.host_ms = []
+    return call
+
+
+def time_steps(step, *, tokens: int, seq: int, steps: int, warmup: int) -> tuple[float, float, float]:
+    """Median ms per step, peak GiB and median host ms per step."""
     batch = tokens // seq
     for _ in range(warmup):
         step(torch.randint(0, 32000, (batch, seq), device="cuda"))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
+    timed = host_timed(step)
     for _ in range(steps):
         ids = torch.randint(0, 32000, (batch, seq), device="cuda")
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step(ids)
+        timed(ids)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30, statistics.median(timed.host_ms)
 
 
 def make_step(model, embed, params, *, graphs: bool):
@@ -152,19 +168,19 @@ def new_ids(args) -> torch.Tensor:
 
 
 def one_by_one(runs, args):
-    """Yield (p, variant, ms, GiB, step) for each run: built, timed, then freed before the next."""
+    """Yield (p, variant, ms, GiB, host ms, step) for each run: built, timed, then freed before the next."""
     for p, variant in runs:
         torch._dynamo.reset()
         step = build_step(p, variant, args.layers)
-        ms, gib = time_steps(step, tokens=args.tokens, seq=args.seq, steps=args.steps, warmup=args.warmup)
-        yield p, variant, ms, gib, step
+        ms, gib, host = time_steps(step, tokens=args.tokens, seq=args.seq, steps=args.steps, warmup=args.warmup)
+        yield p, variant, ms, gib, host, step
         del step
         gc.collect()
         torch.cuda.empty_cache()
 
 
 def interleaved(runs, args):
-    """Yield (p, variant, ms, GiB, step) for each run, all built first and then timed round-robin
+    """Yield (p, variant, ms, GiB, host ms, step) for each run, all built first and then timed round-robin
     (``timing.interleaved_ms``): every variant sees the same GPU clocks, so their ratios carry no
     drift between runs. All models stay alive together. GiB is a run's own peak: measured over
     one step after its warm-up, less the memory allocated before it was built."""
@@ -182,10 +198,11 @@ def interleaved(runs, args):
         step(new_ids(args))
         peaks[(p, variant)] = (torch.cuda.max_memory_allocated() - before) / 2**30
     ids = {run: [new_ids(args) for _ in range(args.warmup + args.steps)] for run in steps}
-    calls = {run: (lambda run=run, it=iter(ids[run]): steps[run](next(it))) for run in steps}
+    timed = {run: host_timed(step) for run, step in steps.items()}
+    calls = {run: (lambda run=run, it=iter(ids[run]): timed[run](next(it))) for run in steps}
     times = interleaved_ms(calls, rounds=args.steps, warmup=args.warmup)
     for run, step in steps.items():
-        yield *run, times[run], peaks[run], step
+        yield *run, times[run], peaks[run], statistics.median(timed[run].host_ms[args.warmup:]), step
 
 
 def main() -> None:
@@ -208,21 +225,23 @@ def main() -> None:
     floor_ms = None
     floors = [v for v in args.variants if v.startswith("floor")] or ["floor"]
     runs = [(None, f) for f in floors] + [(p, v) for p in args.dropout for v in args.variants if not v.startswith("floor")]
-    for p, variant, ms, gib, step in (interleaved if args.interleave else one_by_one)(runs, args):
+    for p, variant, ms, gib, host, step in (interleaved if args.interleave else one_by_one)(runs, args):
         if args.profile_dir:
             os.makedirs(args.profile_dir, exist_ok=True)
             profile_step(step, new_ids(args), os.path.join(args.profile_dir, f"profile-{variant.replace('+', '_')}-p{p}.txt"))
         floor_ms = ms if floor_ms is None else floor_ms  # floors come first
-        row = dict(p=p, variant=variant, ms=ms, tokens_per_s=args.tokens / ms * 1e3, peak_gib=gib, floor_ratio=floor_ms / ms)
+        row = dict(p=p, variant=variant, ms=ms, tokens_per_s=args.tokens / ms * 1e3, peak_gib=gib, floor_ratio=floor_ms / ms,
+                   host_ms=host)
         results.append(row)
         print(json.dumps(row), flush=True)
         del step  # one by one: freed before the next run is built
     print(f"\nLLaMa-3.1-8B shape, {args.layers} layers, {args.tokens} tokens/step, r=16 on 7 projections, bf16, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'p':>4} {'variant':<13} {'ms/step':>9} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9}")
+    print(f"{'p':>4} {'variant':<13} {'ms/step':>9} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9} {'host ms':>8}")
     for r in results:
         p = "-" if r["p"] is None else r["p"]
-        print(f"{p:>4} {r['variant']:<13} {r['ms']:>9.2f} {r['tokens_per_s']:>10.0f} {r['floor_ratio']:>8.3f} {r['peak_gib']:>9.2f}")
+        print(f"{p:>4} {r['variant']:<13} {r['ms']:>9.2f} {r['tokens_per_s']:>10.0f} {r['floor_ratio']:>8.3f} "
+              f"{r['peak_gib']:>9.2f} {r['host_ms']:>8.2f}")
     from lorafusion_compiler.codegen.autotune import tuned_choices
     for (kernel, spec, m_bucket, dims), cfg in sorted(tuned_choices().items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3])):
         print(f"tuned {kernel:11s} M~{m_bucket} {dims} [{spec}]: {cfg.describe()}")  # spec: e.g. tma1 = TMA loads

@@ -3,6 +3,7 @@ variant is built and warmed up first, then timed round-robin, and each row's rat
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ def test_interleave_builds_all_then_times_round_robin(monkeypatch, capsys):
         def step(ids):
             assert ids.shape == (2, 8)
             events.append(("step", variant, p))
+            time.sleep(0.002)  # host work of the step: reported as host_ms
 
         return step
 
@@ -50,3 +52,4 @@ def test_interleave_builds_all_then_times_round_robin(monkeypatch, capsys):
     assert rows[0]["floor_ratio"] == 1.0 and all(r["peak_gib"] == 1.0 for r in rows)
     for r in rows[1:]:
         assert r["floor_ratio"] == rows[0]["ms"] / r["ms"]
+    assert all(2.0 <= r["host_ms"] <= r["ms"] for r in rows)  # the step's host time, within its wall time
