@@ -57,6 +57,21 @@ def test_gluon_applies_to_bf16_ranks_up_to_64_with_a_weight(monkeypatch, change,
     assert gks.gluon_applies("dx", a=t["dy"], weight=weight, low=t["ds"], right=t["a"], out_dtype=out_dtype) is applies
 
 
+@pytest.mark.parametrize("bias, applies", [
+    (None, True),
+    (torch.zeros(48, dtype=BF), True),
+    (torch.zeros(48), False),  # fp32: the epilogue adds bf16 (the Triton kernels take it)
+    (torch.zeros(40, dtype=BF), False),
+    (torch.zeros(96, dtype=BF)[::2], False),  # strided
+])
+def test_gluon_base_expand_takes_a_contiguous_bf16_bias_only(monkeypatch, bias, applies):
+    monkeypatch.setattr(gks, "_hopper", lambda t: True)
+    t = operands(64, 32, 48, 16, device="cpu")
+    assert gks.gluon_applies("base_expand", a=t["x"], weight=t["w"], low=t["s"], right=t["b"], out_dtype=BF,
+                             bias=bias) is applies
+    assert lora_gemm.bias_ok(bias, 48) is applies
+
+
 def test_gluon_dx_needs_keep_bits_exactly_when_p_is_positive(monkeypatch):
     monkeypatch.setattr(gks, "_hopper", lambda t: True)
     t = operands(64, 32, 48, 16, device="cpu")

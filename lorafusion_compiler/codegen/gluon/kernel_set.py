@@ -41,15 +41,14 @@ def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, 
                   p: float = 0.0, keep_bits: torch.Tensor | None = None) -> bool:
     """Whether ``kernel`` ("base_expand" or "dx") runs in Gluon for these operands: ``a`` = x or dY,
     ``low`` = S or dS [M, r], ``right`` = B [N, r] or A [r, K]."""
-    from .lora_gemm import SUPPORTED_RANKS
+    from .lora_gemm import SUPPORTED_RANKS, bias_ok
 
     if weight is None or out_dtype != torch.bfloat16 or not _hopper(a) or low.shape[1] not in SUPPORTED_RANKS:
         return False
     if not (_tma_ok(a) and _tma_ok(weight) and _tma_ok(right, _ADAPTER_DTYPES)):
         return False
     if kernel == "base_expand":
-        return _tma_ok(low, _ADAPTER_DTYPES) and (
-            bias is None or (bias.dtype == torch.bfloat16 and bias.dim() == 1 and bias.stride(0) == 1))
+        return _tma_ok(low, _ADAPTER_DTYPES) and bias_ok(bias, weight.shape[0])
     # dS (fp32, from ds_db) is rounded to bf16 inside the kernel; keep bits exist exactly when p > 0
     return low.dtype in _ADAPTER_DTYPES and _tma_rows(low) and (p == 0.0) == (keep_bits is None)
 

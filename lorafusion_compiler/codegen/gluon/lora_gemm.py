@@ -40,7 +40,7 @@ from ..kernels import _tma_rows
 from ..launch import launch as launch_kernel
 from .ws_gemm import _OPTIONS, _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _num_sms, _tile_offsets
 
-__all__ = ["SUPPORTED_RANKS", "base_expand", "dx", "prepare_base_expand", "prepare_dx"]
+__all__ = ["SUPPORTED_RANKS", "base_expand", "bias_ok", "dx", "prepare_base_expand", "prepare_dx"]
 
 SUPPORTED_RANKS = (8, 16, 32, 64)
 """Ranks the kernels take (the low-rank wgmma's K is max(r, 16); larger ranks use the ``tl`` kernels)."""
@@ -371,6 +371,11 @@ def _launch_args(a, b, l_mat, r_mat, b_kmajor: bool, out, bias, bits, lscale: fl
     return grid, args, constexprs, out
 
 
+def bias_ok(bias: torch.Tensor | None, n: int) -> bool:
+    """Whether the epilogue can add ``bias``: none, or a contiguous bf16 [n] vector."""
+    return bias is None or (bias.dtype == torch.bfloat16 and tuple(bias.shape) == (n,) and bias.stride(0) == 1)
+
+
 def _same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
@@ -402,7 +407,7 @@ def prepare_base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     _check_operand("lora_b", lora_b, ("N", "r"))
     if tuple(lora_b.shape) != (n, r):
         raise ValueError(f"lora_b.shape={tuple(lora_b.shape)} must be [N={n}, r={r}]")
-    if bias is not None and (bias.dtype != torch.bfloat16 or tuple(bias.shape) != (n,) or bias.stride(0) != 1):
+    if not bias_ok(bias, n):
         raise ValueError(f"bias must be a contiguous bfloat16 [N={n}] vector, got {bias.dtype} {tuple(bias.shape)}")
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale={scale} must be finite")
