@@ -39,7 +39,8 @@ def eager_lora(x, w, a, b, scale: float, p: float):
 
 def make_layers(scale: float, p: float) -> dict[str, Callable]:
     """name -> fn(x, w, a, b) for the four variants, and on Hopper a fifth, "gluon": ours with the
-    experimental "gluon" kernel set (the fused GEMMs in warp-specialised Gluon)."""
+    "gluon" kernel set (the fused GEMMs in warp-specialised Gluon; what ``kernels="auto"`` runs with
+    CUDA graphs on Hopper). "ours" is the "triton" set."""
     compiled = torch.compile(eager_lora, dynamic=False)
     layers = {
         "base": lambda x, w, a, b: F.linear(x, w),

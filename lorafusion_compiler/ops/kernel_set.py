@@ -13,8 +13,8 @@ __all__ = ["KERNEL_SETS", "get_kernel_set"]
 
 KERNEL_SETS = ("torch", "triton", "gluon")
 """Valid names: ``"torch"`` (reference, any device), ``"triton"`` (GPU, or CPU under TRITON_INTERPRET=1)
-and ``"gluon"`` (experimental: ``"triton"`` with base_expand and dx in Gluon on Hopper where they apply,
-``codegen/gluon/kernel_set.py``)."""
+and ``"gluon"`` (``"triton"`` with base_expand and dx in Gluon on Hopper where they apply,
+``codegen/gluon/kernel_set.py``; ``"auto"`` picks it for bf16 with CUDA graphs on Hopper)."""
 
 
 def get_kernel_set(name: str) -> ModuleType:

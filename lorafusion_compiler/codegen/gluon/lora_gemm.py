@@ -36,9 +36,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from ..autotune import num_sms as sm_count
 from ..kernels import _tma_rows
 from ..launch import launch as launch_kernel
-from .ws_gemm import _OPTIONS, _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _num_sms, _tile_offsets
+from .ws_gemm import _OPTIONS, _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _tile_offsets
 
 __all__ = ["SUPPORTED_RANKS", "base_expand", "bias_ok", "dx", "prepare_base_expand", "prepare_dx"]
 
@@ -367,7 +368,7 @@ def _launch_args(a, b, l_mat, r_mat, b_kmajor: bool, out, bias, bits, lscale: fl
                       BLOCK_N=_BLOCK_N, GROUP_M=_GROUP_M, NUM_STAGES=stages, CONSUMER_REGS=_CONSUMER_REGS,
                       LOADER_REGS=_LOADER_REGS)
     tiles = -(-m // _BLOCK_M) * -(-n // _BLOCK_N)
-    grid = (max(1, min(num_sms or _num_sms(a.device.index or 0), tiles)),)
+    grid = (max(1, min(num_sms or sm_count(a.device), tiles)),)
     return grid, args, constexprs, out
 
 

@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from ..autotune import num_sms as sm_count
 from ..kernels import _tma_rows
 from ..launch import launch
 
@@ -300,11 +301,6 @@ def check_operands(a: torch.Tensor, b: torch.Tensor, b_layout: str) -> tuple[int
     return m, n, r
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 _OPTIONS = {"num_warps": 4}
 """Launch options of the Gluon kernels: 4 warps is the default partition's (one warpgroup); the
 worker partitions add theirs."""
@@ -341,7 +337,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, b_layout: str, out: torch.Tensor |
             raise ValueError(f"out.shape={tuple(out.shape)} must be {(m, n)}")
     kmajor = b_layout == "nt"
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    grid = (max(1, min(_num_sms(a.device.index or 0), tiles)),)
+    grid = (max(1, min(sm_count(a.device), tiles)),)
     args = (_descriptor_of(a, [cfg.block_m, cfg.block_k]),
             _descriptor_of(b, [cfg.block_n, cfg.block_k] if kmajor else [cfg.block_k, cfg.block_n]),
             _descriptor_of(out, [cfg.consumer_rows, cfg.epi_n]), m, n, r)
