@@ -1,5 +1,5 @@
-"""The ``"gluon"`` kernel set (experimental, opt-in: ``options={"kernels": "gluon"}``): the ``"triton"``
-set with its two fused GEMMs, ``base_expand`` and ``dx``, run by the warp-specialised Gluon kernels
+"""The ``"gluon"`` kernel set (``options={"kernels": "gluon"}``; ``"auto"`` picks it for bf16 with CUDA
+graphs on Hopper, ``backend.kernel_set_for``): the ``"triton"`` set with its two fused GEMMs, ``base_expand`` and ``dx``, run by the warp-specialised Gluon kernels
 of ``lora_gemm`` wherever those apply, and by the ``tl`` kernels everywhere else.
 
 Gluon applies to a call when it runs on a Hopper GPU with the activations, weight and output in
