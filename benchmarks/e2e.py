@@ -218,7 +218,9 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="build every variant first, then time them round-robin in one process (A/B of close variants)")
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--profile-dir", default=None, help="write one profiled step's op table per variant here")
+    parser.add_argument("--profile-dir", default=None,
+                        help="write one profiled step's op table and Chrome trace per variant here "
+                             "(GPU time per kernel family: benchmarks/trace_summary.py DIR/*.trace.json)")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = []

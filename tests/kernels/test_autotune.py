@@ -120,7 +120,8 @@ def test_split_kernels_also_try_the_first_config_with_1_and_4_programs_per_sm(mo
             cands = autotune.configs(kernel, 16)
             assert [c.split_per_sm for c in cands[-2:]] == [1, 4], kernel
             assert all(c.blocks == cands[0].blocks and c.num_warps == cands[0].num_warps for c in cands[-2:]), kernel
-            assert {c.split_per_sm for c in cands[:-2]} == {2}, kernel
+            # dA also lists its pipelined 32x128 tile at 4 programs per SM (autotune._configs)
+            assert {c.split_per_sm for c in cands[:-2]} == ({2, 4} if kernel == "da" else {2}), kernel
         assert {c.split_per_sm for c in autotune.configs("dx", 16)} == {2}  # GEMMs do not split
     finally:
         autotune.configs.cache_clear()
