@@ -20,7 +20,7 @@ import math
 import time
 
 import torch
-from cuda_graph import capture
+from cuda_graph import replay_of_calls
 from timing import burn_in, interleaved_ratios
 
 from lorafusion_compiler.codegen import kernels as tk
@@ -32,12 +32,6 @@ SHAPES = [(4096, 4096, 4096), (4096, 4096, 1024), (4096, 4096, 14336), (4096, 14
 """(M, K, N): the projections of a LLaMa-3.1-8B layer at 4096 tokens, and the layer benchmark's first shape."""
 
 R, P, CALLS_PER_GRAPH = 16, 0.1, 5
-
-
-def _graph_call(fn) -> callable:
-    """A CUDA graph of CALLS_PER_GRAPH calls of fn (warmed up, tuned and compiled first)."""
-    graph, _ = capture(lambda: [fn() for _ in range(CALLS_PER_GRAPH)])
-    return graph.replay
 
 
 def shape_calls(m: int, k: int, n: int, *, gluon: bool) -> tuple[dict, dict, dict[str, float]]:
@@ -90,7 +84,7 @@ def main(argv=None) -> None:
         if errors:
             print(f"{m}x{k}x{n} Gluon max error / max |cuBLAS|: " + ", ".join(f"{key} {e:.1e}" for key, e in errors.items()))
         for calls, reference in ((fwd, "cuBLAS x·Wᵀ"), (bwd, "cuBLAS dY·W")):
-            graphs = {name: _graph_call(fn) for name, fn in calls.items()}
+            graphs = {name: replay_of_calls(fn, CALLS_PER_GRAPH) for name, fn in calls.items()}
             burn_in(seconds=1.0)
             ratios = interleaved_ratios(graphs, reference=reference, rounds=args.rounds)
             table += [((m, k, n), name, *ratios[name]) for name in calls if name != reference]

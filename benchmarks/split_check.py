@@ -16,7 +16,7 @@ import argparse
 import math
 
 import torch
-from cuda_graph import capture
+from cuda_graph import replay_of_calls
 from timing import burn_in, interleaved_ms
 
 from lorafusion_compiler.ops import get_kernel_set
@@ -73,10 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, r={R}, bf16 x, fp32 adapters; µs per call")
     for m, k, n in args.shapes:
-        graphs = {}
-        for name, fn in kernel_calls(m, k, n, args.sets).items():
-            graph, _ = capture(lambda fn=fn: [fn() for _ in range(CALLS_PER_GRAPH)])
-            graphs[name] = graph.replay
+        graphs = {name: replay_of_calls(fn, CALLS_PER_GRAPH) for name, fn in kernel_calls(m, k, n, args.sets).items()}
         burn_in(seconds=1.0)
         ms = interleaved_ms(graphs, rounds=args.rounds, warmup=2)
         read = ms["read x (x.sum)"]
