@@ -1,12 +1,13 @@
 """The ``"gluon"`` kernel set (``options={"kernels": "gluon"}``; ``"auto"`` picks it for bf16 with CUDA
 graphs on Hopper, ``backend.kernel_set_for``): the ``"triton"`` set with its two fused GEMMs, ``base_expand`` and ``dx``, run by the warp-specialised Gluon kernels
-of ``lora_gemm`` wherever those apply, and by the ``tl`` kernels everywhere else.
+of ``lora_gemm`` wherever those apply, ``shrink`` and ``da`` by the one of ``split_kernels``
+(``split_applies``), and by the ``tl`` kernels everywhere else.
 
 Gluon applies to a call when it runs on a Hopper GPU with the activations, weight and output in
 bfloat16 and the adapters in bfloat16 or float32 (rounded to bf16 first, as the Triton kernels
 round them), row-major with sizes that are multiples of 8, a rank in ``lora_gemm.SUPPORTED_RANKS``,
-a weight given, and (dx) the dropout mask given as keep bits when p > 0. The three memory-bound kernels
-(``shrink``, ``ds_db``, ``da``) and the multi-adapter launchers are the ``tl`` ones.
+a weight given, and (dx) the dropout mask given as keep bits when p > 0. ``ds_db``, the deterministic
+``da`` and the multi-adapter launchers are the ``tl`` ones.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from .. import kernels as _tl
-from ..kernels import _tma_rows, da, ds_db, shrink
+from ..kernels import _tma_rows, ds_db
 
-__all__ = ["base_expand", "da", "ds_db", "dx", "gluon_applies", "shrink"]
+__all__ = ["base_expand", "da", "ds_db", "dx", "gluon_applies", "shrink", "split_applies"]
 
 
 def _hopper(t: torch.Tensor) -> bool:
@@ -51,6 +52,36 @@ def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, 
         return _tma_ok(low, _ADAPTER_DTYPES) and bias_ok(bias, weight.shape[0])
     # dS (fp32, from ds_db) is rounded to bf16 inside the kernel; keep bits exist exactly when p > 0
     return low.dtype in _ADAPTER_DTYPES and _tma_rows(low) and (p == 0.0) == (keep_bits is None)
+
+
+def split_applies(x: torch.Tensor, low: torch.Tensor, *, rank_dim: int, deterministic: bool = False) -> bool:
+    """Whether ``shrink`` (low = A [r, K], rank_dim 0) or ``da`` (low = dS [M, r], rank_dim 1) runs in Gluon:
+    a Hopper GPU, x bf16 [M, K] row-major with K % 8 == 0, the low-rank operand fp32 or bf16 with its rank
+    in ``split_kernels.SUPPORTED_RANKS``, and (dA) atomics allowed (the deterministic dA is the ``tl`` one)."""
+    from .split_kernels import SUPPORTED_RANKS
+
+    return (not deterministic and _hopper(x) and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] % 8 == 0
+            and _tma_rows(x) and low.dtype in _ADAPTER_DTYPES and low.dim() == 2
+            and low.shape[rank_dim] in SUPPORTED_RANKS and _tma_rows(low))
+
+
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``kernels.shrink``, in Gluon where ``split_applies``."""
+    if split_applies(x, lora_a, rank_dim=0):
+        from .split_kernels import shrink as gluon_shrink
+
+        return gluon_shrink(x, lora_a, seed, p)
+    return _tl.shrink(x, lora_a, seed, p)
+
+
+def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *,
+       deterministic: bool = False, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """``kernels.da``, in Gluon where ``split_applies``."""
+    if split_applies(x, ds, rank_dim=1, deterministic=deterministic):
+        from .split_kernels import da as gluon_da
+
+        return gluon_da(x, ds, seed, p, a_dtype, keep_bits=keep_bits)
+    return _tl.da(x, ds, seed, p, a_dtype, deterministic=deterministic, keep_bits=keep_bits)
 
 
 def base_expand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, s_act: torch.Tensor,

@@ -1,0 +1,153 @@
+"""Device pieces shared by the Gluon ``shrink`` and ``da``: a TMA ring of x tiles with a second operand,
+and the dropout mask applied to an x tile in place (Hopper, Triton 3.6 API).
+
+The mask is ``ops.dropout_mask``'s: counter (row·K + col) // 8, lane col % 8, Philox-4x32-7. An x tile
+[ROWS, COLS] is read from its ring slot in ``x_layout`` (a thread holds the 8 columns of one counter,
+so the counter's 8 lanes apply without moving data between threads), masked and written back, so
+the slot itself becomes the wgmma operand. The mask depends only on the tile's offsets: consumers
+compute it before waiting for the tile's data.
+
+The mask's integer work bounds these kernels (they issue it faster than x streams in only at p = 0),
+so it is kept to a few instructions per element: each Philox round is two 32×32→64-bit multiplies,
+each word becomes a *keep word* (both 16-bit halves 0xFFFF or 0, one ``prmt``), a pair of bf16 is
+masked by one ``and`` with its keep word, and the keep bits are gathered from the keep words with
+masks and one shift (docs/kernel-notes/dropout-mask.md, sixteenth session).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+from ...ops import dropout_mask
+
+__all__ = ["ROUNDS", "keep_words", "mask_in_place", "ring_loader", "store_keep_bits", "x_layout", "x_layout3"]
+
+ROUNDS = gl.constexpr(dropout_mask.PHILOX_ROUNDS)
+"""Philox rounds of the mask (``dropout_mask.PHILOX_ROUNDS``)."""
+
+
+@gluon.constexpr_function
+def x_layout(rows, cols):
+    """[rows, cols] x tile for one warpgroup: a thread holds 8 consecutive columns (one Philox counter) of a row."""
+    return gl.BlockedLayout([1, 8], [32 // (cols // 8), cols // 8], [4, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def x_layout3(rows, cols):
+    """``x_layout`` reshaped to [rows, cols/8, 8]: the last dimension (a counter's 8 lanes) within the thread."""
+    return gl.BlockedLayout([1, 1, 8], [32 // (cols // 8), cols // 8, 1], [4, 1, 1], [2, 1, 0])
+
+
+@gluon.jit
+def _philox(q, key0, key1, N_ROUNDS: gl.constexpr):
+    """Philox-4x32-N_ROUNDS of the int64 counters q: the four words, as ``tl.randint4x(seed, q, N_ROUNDS)``."""
+    c0 = q.to(gl.uint32)
+    c1 = (q >> 32).to(gl.uint32)
+    c2 = c0 * 0
+    c3 = c2
+    k0 = key0
+    k1 = key1
+    for _ in gl.static_range(N_ROUNDS):
+        _c0 = c0
+        _c2 = c2
+        pb = _c2.to(gl.uint64) * 0xCD9E8D57  # one 32x32 -> 64-bit multiply gives both halves
+        pa = _c0.to(gl.uint64) * 0xD2511F53
+        c0 = (pb >> 32).to(gl.uint32) ^ c1 ^ k0
+        c2 = (pa >> 32).to(gl.uint32) ^ c3 ^ k1
+        c1 = pb.to(gl.uint32)
+        c3 = pa.to(gl.uint32)
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+_KEEP_HALVES = gl.constexpr("""{
+    .reg .b32 lo, hi;
+    and.b32 lo, $1, 0xFFFF;
+    sub.s32 lo, $2, lo;
+    mul.hi.u32 hi, $1, 65536;
+    sub.s32 hi, $2, hi;
+    prmt.b32 $0, lo, hi, 0xFFBB;
+}""")
+"""Keep word of one Philox word ($1): half h of $0 is 0xFFFF iff lane h >= threshold, i.e. iff
+(threshold - 1) - lane ($2 - lane) is negative: prmt's sign-replicating selector (nibbles B, F) copies the
+sign bits of lo's and hi's top bytes over the two halves. The high lane comes from ``mul.hi`` (the
+multiply pipe, which the shifts' pipe has less room for than it)."""
+
+
+@gluon.jit
+def _keep_halves(word, t):
+    """``_KEEP_HALVES`` of each uint32 ``word``, t = threshold - 1 (int32, same shape)."""
+    return gl.inline_asm_elementwise(_KEEP_HALVES, "=r,r,r", [word, t], dtype=gl.uint32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def keep_words(seed_ptr, threshold, off_m, off_k, K, ROWS: gl.constexpr, COLS: gl.constexpr):
+    """Keep masks of the tile at (off_m, off_k) of an [M, K] activation, four uint32 [ROWS, COLS/8] (layout
+    ``SliceLayout(2, x_layout3)``): half h of word j is 0xFFFF iff lane 2j + h (the 16-bit half h of Philox
+    word j) is >= threshold, else 0. threshold >= 1."""
+    L3: gl.constexpr = x_layout3(ROWS, COLS)
+    seed = gl.load(seed_ptr).to(gl.uint64)
+    key0 = (seed & 0xFFFFFFFF).to(gl.uint32)
+    key1 = ((seed >> 32) & 0xFFFFFFFF).to(gl.uint32)
+    L2: gl.constexpr = gl.SliceLayout(2, L3)
+    rows = off_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, L2))
+    qs = off_k // 8 + gl.arange(0, COLS // 8, layout=gl.SliceLayout(0, L2))
+    w0, w1, w2, w3 = _philox(gl.expand_dims(rows.to(gl.int64) * (K // 8), 1) + gl.expand_dims(qs, 0), key0, key1, ROUNDS)
+    t = gl.full(w0.shape, 0, gl.int32, L2) + (threshold - 1)
+    return _keep_halves(w0, t), _keep_halves(w1, t), _keep_halves(w2, t), _keep_halves(w3, t)
+
+
+@gluon.jit
+def store_keep_bits(k0, k1, k2, k3, bits_ptr, off_m, off_k, M, K, ROWS: gl.constexpr, COLS: gl.constexpr):
+    """Pack the keep words (``keep_words``) into bytes, bit e = lane e (``dropout_mask.pack_keep_bits``), and
+    store them into the uint8 [M, K/8] keep bits. Word j gives bit 2j from its low half and bit 2j + 17 from
+    its high one; folding the upper half-word onto the lower puts lane 2j + 1 at bit 2j + 1."""
+    u = (k0 & 0x00020001) | (k1 & 0x00080004) | (k2 & 0x00200010) | (k3 & 0x00800040)
+    byte = ((u | (u >> 16)) & 0xFF).to(gl.uint8)
+    BL: gl.constexpr = gl.SliceLayout(2, x_layout3(ROWS, COLS))
+    rows = off_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, BL))
+    qs = off_k // 8 + gl.arange(0, COLS // 8, layout=gl.SliceLayout(0, BL))
+    ptrs = bits_ptr + gl.expand_dims(rows.to(gl.int64) * (K // 8), 1) + gl.expand_dims(qs, 0)
+    gl.store(ptrs, byte, mask=gl.expand_dims(rows < M, 1) & gl.expand_dims(qs < K // 8, 0))
+
+
+@gluon.jit
+def mask_in_place(slot, k0, k1, k2, k3, ROWS: gl.constexpr, COLS: gl.constexpr):
+    """x̃ = keep ? x : 0 for the bf16 x tile in shared-memory ``slot`` [ROWS, COLS], written back in place:
+    one ``and`` per pair of bf16 (lanes 2j, 2j + 1 share keep word j, packed as one register)."""
+    L2: gl.constexpr = x_layout(ROWS, COLS)
+    L3: gl.constexpr = x_layout3(ROWS, COLS)
+    x3 = gl.convert_layout(gl.reshape(slot.load(L2), [ROWS, COLS // 8, 8]), L3, assert_trivial=True)
+    e3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3))), 0), 0)
+    word = gl.where(e3 < 2, gl.expand_dims(k0, 2),
+                    gl.where(e3 < 4, gl.expand_dims(k1, 2), gl.where(e3 < 6, gl.expand_dims(k2, 2), gl.expand_dims(k3, 2))))
+    # pack=2: $1 holds the bf16 pair (2j, 2j + 1) of one thread, $2 and $3 their (equal) keep words
+    x3 = gl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r,r", [x3, word], dtype=gl.bfloat16, is_pure=True,
+                                   pack=2)
+    slot.store(gl.convert_layout(gl.reshape(x3, [ROWS, COLS]), L2, assert_trivial=True))
+
+
+@gluon.jit
+def ring_loader(x_desc, o_desc, x_bufs, o_bufs, ready, empty, fixed, first, stop, step, ALONG_ROWS: gl.constexpr):
+    """TMA producer (1 warp): for t = first, first + step, ... < stop, the x tile and the other operand's tile
+    into ring slot i % STAGES. ALONG_ROWS (dA): x at [t·ROWS, fixed], other (dS) at [t·ROWS, 0]; else
+    (shrink): x at [fixed, t·COLS], other (A [r, K]) at [0, t·COLS]."""
+    STAGES: gl.constexpr = x_bufs.type.shape[0]
+    ROWS: gl.constexpr = x_desc.block_type.shape[0]
+    COLS: gl.constexpr = x_desc.block_type.shape[1]
+    i = 0
+    for t in range(first, stop, step):
+        s = i % STAGES
+        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # fresh barriers pass the first lap
+        bar = ready.index(s)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + o_desc.block_type.nbytes)
+        if ALONG_ROWS:
+            tma.async_copy_global_to_shared(x_desc, [t * ROWS, fixed], bar, x_bufs.index(s))
+            tma.async_copy_global_to_shared(o_desc, [t * ROWS, 0], bar, o_bufs.index(s))
+        else:
+            tma.async_copy_global_to_shared(x_desc, [fixed, t * COLS], bar, x_bufs.index(s))
+            tma.async_copy_global_to_shared(o_desc, [0, t * COLS], bar, o_bufs.index(s))
+        i += 1

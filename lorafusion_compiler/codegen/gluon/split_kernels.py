@@ -1,0 +1,236 @@
+"""shrink and dA of one adapter as one warp-specialised Gluon kernel (Hopper, Triton 3.6 API).
+
+    shrink:  S[M, r]  = (m ⊙ x)[M, K] · Aᵀ[K, r] / (1-p)
+    da:      dA[r, K] = dSᵀ[r, M] · (m ⊙ x)[M, K] / (1-p)      (+ the keep bits uint8 [M, K/8], optional)
+
+Same meaning as ``codegen.kernels.shrink`` / ``da`` (the mask of ``ops.dropout_mask``; A and dS rounded
+to bf16 before their products; fp32 accumulation). Why: the mask's integer work bounds both at p > 0;
+here it takes ~40% fewer instructions than in the ``tl`` kernels (``masked_tiles``) and overlaps the
+loads (H200, 8192×4096, r=16: dA with keep bits 32.5 µs vs the tl one's 40.6, shrink 29.6 vs 34.0;
+docs/kernel-notes/dropout-mask.md, sixteenth session). A 1-warp loader streams x tiles
+[BLOCK_M, BLOCK_K] and the other operand's tiles (A [r, BLOCK_K] or dS [BLOCK_M, r], fp32 or bf16) by
+TMA into a ring (``masked_tiles.ring_loader``); the consumer warpgroup computes a tile's keep words
+before its data arrives, masks the x tile in place (``masked_tiles.mask_in_place``), rounds the
+other operand to bf16 into a second buffer and runs one async wgmma with the ring slot itself as
+x̃'s operand:
+
+    shrink  acc[BLOCK_M, r] += x̃ · Aᵀ     program (m, s): row block m, column tiles s, s + split, ...;
+            partial sums to slot s of an fp32 [split, M, r] workspace, summed in a fixed order
+            (deterministic, as the tl shrink);
+    da      acc[BLOCK_K, r] += x̃ᵀ · dS    program (k, s): column block k, row tiles s, s + split, ...;
+            fp32 atomics into a zeroed [r, K] output (the keep bits stored from the mask's registers).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait
+
+from ...ops import dropout_mask
+from ..autotune import cdiv, num_sms as sm_count
+from ..kernels import _tma_rows
+from ..launch import launch as launch_kernel
+from .masked_tiles import keep_words, mask_in_place, ring_loader, store_keep_bits
+from .ws_gemm import _acc_layout, _descriptor_of
+
+__all__ = ["SUPPORTED_RANKS", "da", "prepare_da", "prepare_shrink", "shrink"]
+
+SUPPORTED_RANKS = (8, 16, 32, 64)
+"""Ranks the kernel takes (the low-rank boxes and the wgmma N are max(r, 16) wide; TMA zero-fills beyond r)."""
+
+_BLOCK_M, _BLOCK_K, _STAGES, _PER_SM, _LOADER_REGS = 64, 128, 4, 2, 40
+"""x tile rows and columns, ring depth, programs per SM the split aims at, loader registers."""
+_OPTIONS = {"num_warps": 4, "maxnreg": 128}
+"""Launch options: the consumer warpgroup is the default partition; 128 registers per thread (no spills,
+ptxas, r <= 64) let two programs share an SM (255, ptxas's choice without the cap, allow one)."""
+
+
+@gluon.constexpr_function
+def _pick(flag, if_true, if_false):
+    """``if_true if flag else if_false`` at trace time."""
+    return if_true if flag else if_false
+
+
+@gluon.jit
+def _consumer(x_bufs, o_bufs, ob, ready, empty, out_ptr, bits_ptr, seed_ptr, threshold, inv_keep, M, K, R,
+              fixed, first, stop, step, DA: gl.constexpr, DROPOUT: gl.constexpr, BITS: gl.constexpr):
+    """One warpgroup over the ring: mask each x tile in place, round the other operand to bf16 into ``ob``,
+    one async wgmma per tile; then (DA) atomics into out [R, K] or (shrink) a store into out's slot."""
+    STAGES: gl.constexpr = x_bufs.type.shape[0]
+    ROWS: gl.constexpr = x_bufs.type.shape[1]
+    COLS: gl.constexpr = x_bufs.type.shape[2]
+    O_ROWS: gl.constexpr = o_bufs.type.shape[1]  # dS [ROWS, RP] or A [RP, COLS]
+    O_COLS: gl.constexpr = o_bufs.type.shape[2]
+    RP: gl.constexpr = _pick(DA, O_COLS, O_ROWS)
+    ACC_ROWS: gl.constexpr = _pick(DA, COLS, ROWS)
+    o_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (O_COLS // 4), O_COLS // 4], [4, 1], [1, 0])
+    acc_layout: gl.constexpr = _acc_layout(ACC_ROWS, RP)
+    acc = gl.zeros([ACC_ROWS, RP], gl.float32, acc_layout)  # the first wgmma ignores it
+    i = 0
+    prev = 0
+    for t in range(first, stop, step):
+        s = i % STAGES
+        if DA:
+            off_m = t * ROWS
+            off_k = fixed
+        else:
+            off_m = fixed
+            off_k = t * COLS
+        if DROPOUT:
+            k0, k1, k2, k3 = keep_words(seed_ptr, threshold, off_m, off_k, K, ROWS, COLS)  # while the tile is in flight
+            if BITS:
+                store_keep_bits(k0, k1, k2, k3, bits_ptr, off_m, off_k, M, K, ROWS, COLS)
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        slot = x_bufs.index(s)
+        if DROPOUT:
+            mask_in_place(slot, k0, k1, k2, k3, ROWS, COLS)
+        ob.index(i % 2).store(o_bufs.index(s).load(o_layout).to(gl.bfloat16))
+        fence_async_shared()  # the generic-proxy stores, before the wgmma reads them
+        gl.thread_barrier()  # every warp's stores, before the warpgroup-wide wgmma
+        if DA:
+            acc = warpgroup_mma(slot.permute((1, 0)), ob.index(i % 2), acc, use_acc=i > 0, is_async=True)
+        else:
+            acc = warpgroup_mma(slot, ob.index(i % 2).permute((1, 0)), acc, use_acc=i > 0, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        mbarrier.arrive(empty.index(prev), pred=i > 0)  # the previous tile's wgmma has read its slot
+        prev = s
+        i += 1
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    mbarrier.arrive(empty.index(prev), pred=i > 0)
+    if DROPOUT:
+        acc = acc * inv_keep
+    jj = gl.expand_dims(gl.arange(0, RP, layout=gl.SliceLayout(0, acc_layout)), 0)
+    if DA:
+        kk = gl.expand_dims(fixed + gl.arange(0, COLS, layout=gl.SliceLayout(1, acc_layout)), 1)
+        gl.atomic_add(out_ptr + jj * K + kk, acc, mask=(jj < R) & (kk < K), sem="relaxed")  # dA[j, k] += acc[k, j]
+    else:
+        mm = gl.expand_dims(fixed + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout)), 1)
+        slot_ptr = out_ptr + gl.program_id(1).to(gl.int64) * M * R  # this program's partial sum
+        gl.store(slot_ptr + mm.to(gl.int64) * R + jj, acc, mask=(mm < M) & (jj < R))
+
+
+@gluon.jit
+def _split_kernel(x_desc, o_desc, out_ptr, bits_ptr, seed_ptr, threshold, inv_keep, M, K, R, SPLIT: gl.constexpr,
+                  STAGES: gl.constexpr, DA: gl.constexpr, DROPOUT: gl.constexpr, BITS: gl.constexpr,
+                  LOADER_REGS: gl.constexpr):
+    """shrink (DA=False) or dA (DA=True), see the module docstring: x_desc boxes [BLOCK_M, BLOCK_K] of x
+    (bf16); o_desc boxes of A [RP, BLOCK_K] or dS [BLOCK_M, RP] (fp32 or bf16); out fp32 ([SPLIT, M, R]
+    slots, or [R, K] zeroed); bits uint8 [M, K/8] (BITS); seed int64 []."""
+    ROWS: gl.constexpr = x_desc.block_type.shape[0]
+    COLS: gl.constexpr = x_desc.block_type.shape[1]
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    o_bufs = gl.allocate_shared_memory(o_desc.dtype, [STAGES] + o_desc.block_type.shape, o_desc.layout)
+    ob = gl.allocate_shared_memory(gl.bfloat16, [2] + o_desc.block_type.shape,
+                                   gl.NVMMASharedLayout.get_default_for(o_desc.block_type.shape, gl.bfloat16))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(STAGES):
+        mbarrier.init(ready.index(j), count=1)  # the loader's expect-tx arrival
+        mbarrier.init(empty.index(j), count=1)  # the consumer's release
+    fence_async_shared()
+    # dA walks the row tiles of column block k; shrink the column tiles of row block m
+    fixed = gl.program_id(0) * _pick(DA, COLS, ROWS)
+    first = gl.program_id(1)
+    stop = gl.cdiv(M, ROWS) if DA else gl.cdiv(K, COLS)
+    gl.warp_specialize([
+        (_consumer, (x_bufs, o_bufs, ob, ready, empty, out_ptr, bits_ptr, seed_ptr, threshold, inv_keep, M, K, R,
+                     fixed, first, stop, SPLIT, DA, DROPOUT, BITS)),
+        (ring_loader, (x_desc, o_desc, x_bufs, o_bufs, ready, empty, fixed, first, stop, SPLIT, DA)),
+    ], [1], [LOADER_REGS])
+
+
+Launch = tuple[tuple[int, int], tuple, dict, torch.Tensor]
+"""(grid, arguments, constexprs, output) of one ``_split_kernel`` launch."""
+
+
+def _check(x: torch.Tensor, other: torch.Tensor, other_name: str, other_dims: str, seed: torch.Tensor, p: float) -> int:
+    """Validate x, the low-rank operand and the seed; returns the rank."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] % 8 or not _tma_rows(x):
+        raise ValueError(f"x must be a row-major 2-D bfloat16 [M, K] tensor with K % 8 == 0 and 16-byte aligned rows, "
+                         f"got {x.dtype} {tuple(x.shape)} with strides {x.stride()}")
+    m, k = x.shape
+    want = (m, None) if other_dims == "[M, r]" else (None, k)
+    if (other.dim() != 2 or other.dtype not in (torch.float32, torch.bfloat16) or not _tma_rows(other)
+            or any(w is not None and w != got for w, got in zip(want, other.shape))):
+        raise ValueError(f"{other_name} must be a row-major float32 or bfloat16 {other_dims} tensor (M={m}, K={k}) with "
+                         f"16-byte aligned rows, got {other.dtype} {tuple(other.shape)} with strides {other.stride()}")
+    r = other.shape[1] if other_dims == "[M, r]" else other.shape[0]
+    if r not in SUPPORTED_RANKS:
+        raise ValueError(f"rank r={r} (from {other_name}.shape={tuple(other.shape)}) is not supported; expected one of "
+                         f"{SUPPORTED_RANKS}")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"seed must be a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+    dropout_mask.drop_threshold(p)  # raises for p outside [0, 1)
+    devices = {t.device for t in (x, other, seed)}
+    if len(devices) > 1:
+        raise ValueError(f"x, {other_name} and seed must be on one device, got {sorted(map(str, devices))}")
+    return r
+
+
+def _split(tiles: int, programs: int, num_sms: int | None, device: torch.device) -> int:
+    """Programs along the reduction: about ``_PER_SM`` per SM in all, at most one per reduction tile."""
+    return max(1, min(tiles, (_PER_SM * (num_sms or sm_count(device))) // max(1, programs)))
+
+
+def _args(x, other, box, out, bits, seed, p, r, split, da_mode: bool) -> tuple[tuple, dict]:
+    args = (_descriptor_of(x, [_BLOCK_M, _BLOCK_K]), _descriptor_of(other, box), out,
+            bits if bits is not None else out, seed, dropout_mask.drop_threshold(p), 1.0 / (1.0 - p), x.shape[0],
+            x.shape[1], r)
+    return args, dict(SPLIT=split, STAGES=_STAGES, DA=da_mode, DROPOUT=p != 0.0, BITS=bits is not None,
+                      LOADER_REGS=_LOADER_REGS)
+
+
+def prepare_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, *,
+                   num_sms: int | None = None) -> Launch:
+    """Checks and launch arguments of ``shrink`` (host work only: with ``num_sms`` given it needs no GPU)."""
+    r = _check(x, lora_a, "lora_a", "[r, K]", seed, p)
+    m, k = x.shape
+    m_blocks = cdiv(m, _BLOCK_M)
+    split = _split(cdiv(k, _BLOCK_K), m_blocks, num_sms, x.device)
+    out = torch.empty(split, m, r, dtype=torch.float32, device=x.device)
+    args, constexprs = _args(x, lora_a, [max(16, r), _BLOCK_K], out, None, seed, p, r, split, False)
+    return (m_blocks, split), args, constexprs, out
+
+
+def prepare_da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, *,
+               keep_bits: torch.Tensor | None = None, num_sms: int | None = None) -> Launch:
+    """Checks and launch arguments of ``da`` (host work only, as ``prepare_shrink``)."""
+    r = _check(x, ds, "ds", "[M, r]", seed, p)
+    m, k = x.shape
+    if keep_bits is not None and (p == 0.0 or keep_bits.dtype != torch.uint8 or tuple(keep_bits.shape) != (m, k // 8)
+                                  or not keep_bits.is_contiguous() or keep_bits.device != x.device):
+        raise ValueError(f"keep_bits must be None or, for p > 0, a contiguous uint8 [{m}, {k // 8}] tensor on {x.device}; "
+                         f"got {keep_bits.dtype} {tuple(keep_bits.shape)} on {keep_bits.device} with p={p}")
+    k_blocks = cdiv(k, _BLOCK_K)
+    split = _split(cdiv(m, _BLOCK_M), k_blocks, num_sms, x.device)
+    out = torch.zeros(r, k, dtype=torch.float32, device=x.device)
+    args, constexprs = _args(x, ds, [_BLOCK_M, max(16, r)], out, keep_bits, seed, p, r, split, True)
+    return (k_blocks, split), args, constexprs, out
+
+
+def _run(launch: Launch, nonempty: bool) -> torch.Tensor:
+    grid, args, constexprs, out = launch
+    if nonempty:  # TMA descriptors of empty tensors are invalid; the outputs are already right (empty or zero)
+        launch_kernel(_split_kernel, grid, args, constexprs, _OPTIONS)
+    return out
+
+
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """S = dropout(x) Aᵀ -> [M, r] in A's dtype: x [M, K] bf16, A [r, K] fp32 or bf16, r in ``SUPPORTED_RANKS``
+    (the mask is never stored)."""
+    m, k = x.shape
+    out = _run(prepare_shrink(x, lora_a, seed, p), m > 0 and k > 0)
+    s = out[0] if out.shape[0] == 1 else out.sum(0)
+    if k == 0:
+        s = s.zero_()
+    return s if s.dtype == lora_a.dtype else s.to(lora_a.dtype)
+
+
+def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *,
+       keep_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """dA = dSᵀ (m ⊙ x)/(1-p) -> [r, K] in ``a_dtype``: x [M, K] bf16, dS [M, r] fp32 or bf16, r in
+    ``SUPPORTED_RANKS``; with ``keep_bits`` (p > 0) the mask is also stored there, for ``dx``."""
+    out = _run(prepare_da(x, ds, seed, p, keep_bits=keep_bits), x.shape[0] > 0 and x.shape[1] > 0)
+    return out if a_dtype == torch.float32 else out.to(a_dtype)

@@ -1,0 +1,134 @@
+"""The Gluon shrink and dA (codegen/gluon/split_kernels.py) and their place in the "gluon" kernel set.
+
+Any machine: which calls the set sends to them (``split_applies``), the launchers' checks and grids.
+On a Hopper GPU: both against a float64 reference and the Triton kernels, the keep bits dA stores
+against ``pack_keep_bits(keep_mask(...))``, odd shapes, every supported rank, p = 0 and p > 0."""
+
+import pytest
+import torch
+
+from lorafusion_compiler.codegen import kernels as tk
+from lorafusion_compiler.codegen.gluon import kernel_set as gks
+from lorafusion_compiler.codegen.gluon import split_kernels as gsk
+from lorafusion_compiler.ops import reference as ref
+from lorafusion_compiler.ops.dropout_mask import keep_mask, new_keep_bits, pack_keep_bits
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="Gluon kernels run on a Hopper GPU only (no interpreter)")
+BF = torch.bfloat16
+
+
+def operands(m, k, r, *, device, low_dtype=torch.float32, seed=0):
+    """x [M, K] bf16, dS [M, r], A [r, K] (scaled so S and dA are O(1)), seed."""
+    g = torch.Generator().manual_seed(seed + m + k + r)
+    x = torch.randn(m, k, generator=g).to(device=device, dtype=BF)
+    ds = torch.randn(m, r, generator=g).to(device=device, dtype=low_dtype)
+    a = (torch.randn(r, k, generator=g) * k ** -0.5).to(device=device, dtype=low_dtype)
+    return x, ds, a, torch.tensor(1234 + seed, device=device)
+
+
+@pytest.mark.parametrize("change, applies", [
+    ({}, True),
+    ({"low_dtype": BF}, True),
+    ({"low_dtype": torch.float16}, False),
+    ({"r": 128}, False),
+    ({"r": 12}, False),
+    ({"k": 100}, False),  # K % 8 != 0
+    ({"x_dtype": torch.float16}, False),
+])
+def test_split_kernels_apply_to_bf16_x_and_ranks_up_to_64(monkeypatch, change, applies):
+    monkeypatch.setattr(gks, "_hopper", lambda t: True)
+    x, ds, a, _ = operands(40, change.get("k", 64), change.get("r", 16), device="cpu",
+                           low_dtype=change.get("low_dtype", torch.float32))
+    x = x.to(change.get("x_dtype", BF))
+    assert gks.split_applies(x, a, rank_dim=0) is applies
+    assert gks.split_applies(x, ds, rank_dim=1) is applies
+
+
+def test_the_deterministic_da_is_the_triton_one(monkeypatch):
+    monkeypatch.setattr(gks, "_hopper", lambda t: True)
+    x, ds, _a, _ = operands(40, 64, 16, device="cpu")
+    assert gks.split_applies(x, ds, rank_dim=1) and not gks.split_applies(x, ds, rank_dim=1, deterministic=True)
+
+
+def test_off_hopper_the_set_runs_the_triton_kernels(device):
+    if HOPPER:
+        pytest.skip("on Hopper the set runs the Gluon kernels (compared below)")
+    x, ds, a, seed = operands(40, 64, 8, device=device)
+    x = x.float()
+    assert torch.equal(gks.da(x, ds, seed, 0.25, torch.float32), tk.da(x, ds, seed, 0.25, torch.float32))
+    assert torch.equal(gks.shrink(x, a, seed, 0.25), tk.shrink(x, a, seed, 0.25))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x, ds, a, s: gsk.prepare_da(x.float(), ds, s, 0.1, num_sms=132), "x must be a row-major 2-D bfloat16"),
+    (lambda x, ds, a, s: gsk.prepare_da(x, ds[:, :12].contiguous(), s, 0.1, num_sms=132), r"rank r=12 .* not supported"),
+    (lambda x, ds, a, s: gsk.prepare_da(x, ds[:20], s, 0.1, num_sms=132), r"ds must be .* \[M, r\] tensor \(M=40"),
+    (lambda x, ds, a, s: gsk.prepare_shrink(x, a[:, :32].contiguous(), s, 0.1, num_sms=132), r"lora_a must be .* \[r, K\]"),
+    (lambda x, ds, a, s: gsk.prepare_shrink(x, a, s.int(), 0.1, num_sms=132), "seed must be a one-element int64"),
+    (lambda x, ds, a, s: gsk.prepare_shrink(x, a, s, 1.0, num_sms=132), "p=1.0"),
+    (lambda x, ds, a, s: gsk.prepare_da(x, ds, s, 0.0, keep_bits=torch.zeros(40, 8, dtype=torch.uint8), num_sms=132),
+     r"keep_bits must be None or, for p > 0, a contiguous uint8 \[40, 8\]"),
+])
+def test_launcher_errors_name_the_bad_value(call, message):
+    x, ds, a, seed = operands(40, 64, 16, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        call(x, ds, a, seed)
+
+
+def test_grids_split_the_reduction_to_fill_the_sms():
+    x, ds, a, seed = operands(8192, 4096, 16, device="cpu")
+    grid, _args, constexprs, out = gsk.prepare_da(x, ds, seed, 0.1, num_sms=132)
+    assert grid == (32, 8) and constexprs["SPLIT"] == 8 and constexprs["DA"] and not constexprs["BITS"]
+    assert out.shape == (16, 4096) and out.dtype == torch.float32 and not out.any()  # atomics add into zeros
+    grid, _args, constexprs, out = gsk.prepare_shrink(x, a, seed, 0.1, num_sms=132)
+    assert grid == (128, 2) and not constexprs["DA"] and out.shape == (2, 8192, 16)  # one partial sum per split
+    grid, *_ = gsk.prepare_da(*operands(100, 4096, 16, device="cpu")[:2], seed, 0.1, num_sms=132)
+    assert grid == (32, 2)  # never more splits than row tiles
+
+
+SHAPES = [(8192, 4096, 16), (1000, 4096, 16), (512, 1024, 64), (777, 1000, 8), (256, 14336, 32)]
+
+
+@needs_hopper
+@pytest.mark.parametrize("m, k, r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gluon_da_matches_float64_and_stores_the_keep_bits(m, k, r, p):
+    x, ds, _a, seed = operands(m, k, r, device="cuda")
+    bits = new_keep_bits(x, p, r)
+    if bits is not None:
+        bits.fill_(0xA5)  # a pattern no correct kernel leaves behind
+    got = gsk.da(x, ds, seed, p, torch.float32, keep_bits=bits)
+    want = ref.da(x.double(), ds.double(), seed, p, torch.float64)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err <= 1e-2, f"dA {m}x{k} r={r} p={p}: normwise error {err:.2e}"
+    if bits is not None:
+        assert torch.equal(bits.cpu(), pack_keep_bits(keep_mask(seed.cpu(), p, m, k)))
+    tl_da = tk.da(x, ds, seed, p, torch.float32)
+    assert torch.allclose(got, tl_da, rtol=1e-3, atol=1e-3 * tl_da.abs().max().item())
+
+
+@needs_hopper
+@pytest.mark.parametrize("m, k, r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gluon_shrink_matches_float64_and_the_triton_shrink(m, k, r, p):
+    x, _ds, a, seed = operands(m, k, r, device="cuda")
+    got = gsk.shrink(x, a, seed, p)
+    want = ref.shrink(x.double(), a.double(), seed, p)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert got.dtype == a.dtype and err <= 1e-2, f"S {m}x{k} r={r} p={p}: normwise error {err:.2e}"
+    tl_s = tk.shrink(x, a, seed, p)
+    assert torch.allclose(got, tl_s, rtol=1e-3, atol=1e-3 * tl_s.abs().max().item())
+    assert torch.equal(got, gsk.shrink(x, a, seed, p))  # partial sums in a fixed order: deterministic
+
+
+@needs_hopper
+def test_the_set_casts_to_the_adapters_dtype_and_takes_bf16_low_rank_operands():
+    x, ds, a, seed = operands(1024, 2048, 16, device="cuda", low_dtype=BF)
+    assert gks.split_applies(x, ds, rank_dim=1) and gks.split_applies(x, a, rank_dim=0)
+    got = gks.da(x, ds, seed, 0.1, BF)
+    want = tk.da(x, ds, seed, 0.1, BF)
+    assert got.dtype == BF and torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.float().abs().max().item())
+    s = gks.shrink(x, a, seed, 0.1)
+    s_want = tk.shrink(x, a, seed, 0.1)
+    assert s.dtype == BF and torch.allclose(s.float(), s_want.float(), rtol=1e-2, atol=1e-2 * s_want.float().abs().max().item())
