@@ -121,11 +121,15 @@ def make_step(model, embed, params, *, graphs: bool):
     return step
 
 
-def profile_step(step, ids, path: str) -> None:
+def profile_step(step, ids, path: str, *, hot_steps: int = 0) -> None:
     """Write the profiler's op table (sorted by host time, then by GPU time) and its Chrome trace
-    (``<path minus .txt>.trace.json``: every kernel in order, with its grid) for one step."""
+    (``<path minus .txt>.trace.json``: every kernel in order, with its grid) for one step; with
+    ``hot_steps``, that many unprofiled steps run back to back first, so the profiled one meets the
+    clocks of a sustained run instead of an idle GPU's."""
     from torch.profiler import ProfilerActivity, profile
 
+    for _ in range(hot_steps):
+        step(ids)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(ids)
         torch.cuda.synchronize()
@@ -221,6 +225,8 @@ def main() -> None:
     parser.add_argument("--profile-dir", default=None,
                         help="write one profiled step's op table and Chrome trace per variant here "
                              "(GPU time per kernel family: benchmarks/trace_summary.py DIR/*.trace.json)")
+    parser.add_argument("--profile-hot-steps", type=int, default=0,
+                        help="unprofiled steps run right before the profiled one (a hot GPU, as in the timed loop)")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = []
@@ -230,7 +236,8 @@ def main() -> None:
     for p, variant, ms, gib, host, step in (interleaved if args.interleave else one_by_one)(runs, args):
         if args.profile_dir:
             os.makedirs(args.profile_dir, exist_ok=True)
-            profile_step(step, new_ids(args), os.path.join(args.profile_dir, f"profile-{variant.replace('+', '_')}-p{p}.txt"))
+            profile_step(step, new_ids(args), os.path.join(args.profile_dir, f"profile-{variant.replace('+', '_')}-p{p}.txt"),
+                         hot_steps=args.profile_hot_steps)
         floor_ms = ms if floor_ms is None else floor_ms  # floors come first
         row = dict(p=p, variant=variant, ms=ms, tokens_per_s=args.tokens / ms * 1e3, peak_gib=gib, floor_ratio=floor_ms / ms,
                    host_ms=host)

@@ -26,6 +26,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("shrink", r"shrink_kernel"),
     ("ds_db", r"ds_db_kernel"),
     ("dA", r"da_kernel"),
+    ("shrink + dA (Gluon)", r"_split_kernel"),
     ("cuBLAS GEMMs", r"nvjet|cutlass|gemm|sm90_xmma"),
     ("attention", r"sdpa|flash|fmha|cudnn"),
     ("Inductor (triton_*)", r"^triton_"),

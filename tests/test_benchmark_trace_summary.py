@@ -41,6 +41,7 @@ def test_summary_sums_families_and_measures_idle_time():
 def test_family_of_takes_the_first_match():
     assert ts.family_of("triton_poi_fused_mul_silu_8") == "Inductor (triton_*)"
     assert ts.family_of("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert ts.family_of("_split_kernel") == "shrink + dA (Gluon)"
     assert ts.family_of("something_new") == "other"
 
 

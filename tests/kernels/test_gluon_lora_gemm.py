@@ -93,7 +93,10 @@ def test_off_hopper_the_set_equals_the_triton_set(device):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda t: lora_gemm.base_expand(t["x"], t["w"], None, t["s"][:, :12], t["b"][:, :12], 2.0, BF), "must be a multiple of 8"),
+    (lambda t: lora_gemm.base_expand(t["x"], t["w"], None, t["s"][:, :12], t["b"][:, :12], 2.0, BF), r"rank r=12 \(from s_act"),
+    (lambda t: lora_gemm.base_expand(t["x"][:, :20], t["w"][:, :20], None, t["s"], t["b"], 2.0, BF), "must be a multiple of 8"),
+    (lambda t: lora_gemm.base_expand(t["x"], t["w"], None, t["s"].half(), t["b"], 2.0, BF),
+     r"s_act must be a float32 or bfloat16 \[M=64, r\] tensor, got torch.float16"),
     (lambda t: lora_gemm.base_expand(t["x"], t["w"], None, t["s"], t["b"], 2.0, torch.float16), "out_dtype=torch.float16 is not supported"),
     (lambda t: lora_gemm.base_expand(t["x"], t["w"], None, t["s"], t["b"][:40], 2.0, BF), r"lora_b.shape=\(40, 16\) must be \[N=48, r=16\]"),
     (lambda t: lora_gemm.dx(t["dy"], t["w"], t["ds"], t["a"], 0.1, BF), "the Gluon dx reads the mask from da's keep bits"),
@@ -130,6 +133,15 @@ def test_gluon_gemms_match_float64_and_the_triton_kernels_bitwise(m, k, n, r, p)
         assert err <= 1e-2, f"{name} {m}x{k}x{n} r={r} p={p}: max error / max |ref| = {err:.2e}"
     assert torch.equal(y, tk.base_expand(t["x"], t["w"], t["bias"], t["s"], t["b"], 2.0, BF))
     assert torch.equal(dx, tk.dx(t["dy"], t["w"], t["ds"], t["a"], t["seed"], p, BF, keep_bits=bits))
+
+
+@needs_hopper
+@pytest.mark.parametrize("r", [8, 64])
+def test_base_expand_rounds_an_fp32_s_as_a_cast_would(r):
+    t = operands(520, 1024, 776, r, device="cuda", adapter_dtype=torch.float32, seed=r)
+    b = t["b"].to(BF)
+    y = lora_gemm.base_expand(t["x"], t["w"], t["bias"], t["s"], b, 2.0, BF)
+    assert torch.equal(y, lora_gemm.base_expand(t["x"], t["w"], t["bias"], t["s"].to(BF), b, 2.0, BF))
 
 
 @needs_hopper

@@ -1,7 +1,7 @@
 """The ``"gluon"`` kernel set (``options={"kernels": "gluon"}``; ``"auto"`` picks it for bf16 with CUDA
 graphs on Hopper, ``backend.kernel_set_for``): the ``"triton"`` set with its two fused GEMMs, ``base_expand`` and ``dx``, run by the warp-specialised Gluon kernels
 of ``lora_gemm`` wherever those apply, ``shrink`` and ``da`` by the one of ``split_kernels``
-(``split_applies``), and by the ``tl`` kernels everywhere else.
+(``split_applies``: r ≤ 16), and by the ``tl`` kernels everywhere else.
 
 Gluon applies to a call when it runs on a Hopper GPU with the activations, weight and output in
 bfloat16 and the adapters in bfloat16 or float32 (rounded to bf16 first, as the Triton kernels
@@ -57,12 +57,12 @@ def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, 
 def split_applies(x: torch.Tensor, low: torch.Tensor, *, rank_dim: int, deterministic: bool = False) -> bool:
     """Whether ``shrink`` (low = A [r, K], rank_dim 0) or ``da`` (low = dS [M, r], rank_dim 1) runs in Gluon:
     a Hopper GPU, x bf16 [M, K] row-major with K % 8 == 0, the low-rank operand fp32 or bf16 with its rank
-    in ``split_kernels.SUPPORTED_RANKS``, and (dA) atomics allowed (the deterministic dA is the ``tl`` one)."""
-    from .split_kernels import SUPPORTED_RANKS
+    in ``split_kernels.ROUTED_RANKS``, and (dA) atomics allowed (the deterministic dA is the ``tl`` one)."""
+    from .split_kernels import ROUTED_RANKS
 
     return (not deterministic and _hopper(x) and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] % 8 == 0
             and _tma_rows(x) and low.dtype in _ADAPTER_DTYPES and low.dim() == 2
-            and low.shape[rank_dim] in SUPPORTED_RANKS and _tma_rows(low))
+            and low.shape[rank_dim] in ROUTED_RANKS and _tma_rows(low))
 
 
 def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
@@ -88,10 +88,12 @@ def base_expand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
                 lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """``kernels.base_expand``, in Gluon where ``gluon_applies``."""
     if gluon_applies("base_expand", a=x, weight=weight, low=s_act, right=lora_b, out_dtype=out_dtype, bias=bias):
-        from .lora_gemm import base_expand as gluon_base_expand
+        from .lora_gemm import base_expand as gluon_base_expand, fp32_low_is_free
 
         bf16 = torch.bfloat16
-        return gluon_base_expand(x, weight, bias, s_act.to(bf16), lora_b.to(bf16), scale, out_dtype)
+        # an fp32 S (shrink's, PEFT's fp32 adapters) is rounded in the kernel when that costs no ring stage
+        s_in = s_act if s_act.dtype == bf16 or fp32_low_is_free(s_act.shape[1]) else s_act.to(bf16)
+        return gluon_base_expand(x, weight, bias, s_in, lora_b.to(bf16), scale, out_dtype)
     return _tl.base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype)
 
 

@@ -345,6 +345,22 @@ def _check_rank(r: int, name: str) -> None:
         raise ValueError(f"rank r={r} (from {name}) is not supported; expected one of {SUPPORTED_RANKS}")
 
 
+def _check_low(name: str, low: torch.Tensor, m: int) -> None:
+    """S or dS: a float32 or bfloat16 [M, r] tensor, row-major with 16-byte aligned rows, r supported
+    (an fp32 one is rounded to bf16 in the kernel, as the Triton kernels round it)."""
+    if low.dim() != 2 or low.dtype not in (torch.float32, torch.bfloat16) or low.shape[0] != m:
+        raise ValueError(f"{name} must be a float32 or bfloat16 [M={m}, r] tensor, got {low.dtype} {tuple(low.shape)}")
+    _check_rank(low.shape[1], f"{name}.shape={tuple(low.shape)}")
+    if not _tma_rows(low):
+        raise ValueError(f"{name} must be row-major with 16-byte aligned rows, got strides {low.stride()}")
+
+
+def fp32_low_is_free(r: int) -> bool:
+    """Whether an fp32 S or dS [M, r] (twice a bf16 one's shared memory) leaves the ring as deep as a bf16
+    one would: then the kernel rounds it, with no separate cast."""
+    return _stages_and_epi(max(16, r), 4, False) == _stages_and_epi(max(16, r), 2, False)
+
+
 Launch = tuple[tuple[int], tuple, dict, torch.Tensor]
 """(grid, arguments, constexprs, output) of one ``_lora_gemm_kernel`` launch."""
 
@@ -400,11 +416,8 @@ def prepare_base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"weight.shape={tuple(weight.shape)} must be [N, K={k}] (x is {tuple(x.shape)})")
-    _check_operand("s_act", s_act, ("M", "r"))
-    _check_rank(s_act.shape[1], f"s_act.shape={tuple(s_act.shape)}")
+    _check_low("s_act", s_act, m)
     r = s_act.shape[1]
-    if s_act.shape[0] != m:
-        raise ValueError(f"s_act.shape={tuple(s_act.shape)} must be [M={m}, r]")
     _check_operand("lora_b", lora_b, ("N", "r"))
     if tuple(lora_b.shape) != (n, r):
         raise ValueError(f"lora_b.shape={tuple(lora_b.shape)} must be [N={n}, r={r}]")
@@ -426,12 +439,8 @@ def prepare_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a:
     k = weight.shape[1]
     if weight.shape[0] != n:
         raise ValueError(f"weight.shape={tuple(weight.shape)} must be [N={n}, K] (dy is {tuple(dy.shape)})")
-    if ds.dim() != 2 or ds.dtype not in (torch.float32, torch.bfloat16) or ds.shape[0] != m:
-        raise ValueError(f"ds must be a float32 or bfloat16 [M={m}, r] tensor, got {ds.dtype} {tuple(ds.shape)}")
-    _check_rank(ds.shape[1], f"ds.shape={tuple(ds.shape)}")
+    _check_low("ds", ds, m)
     r = ds.shape[1]
-    if not _tma_rows(ds):
-        raise ValueError(f"ds must be row-major with 16-byte aligned rows, got strides {ds.stride()}")
     _check_operand("lora_a", lora_a, ("r", "K"))
     if tuple(lora_a.shape) != (r, k):
         raise ValueError(f"lora_a.shape={tuple(lora_a.shape)} must be [r={r}, K={k}]")
@@ -457,8 +466,9 @@ def _run(launch: Launch) -> torch.Tensor:
 
 def base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s_act: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """y = x Wᵀ + bias + scale·S Bᵀ -> [M, N] bf16: x [M, K], W [N, K], bias [N] or None, S [M, r], B [N, r],
-    all bf16 and row-major with sizes that are multiples of 8; r in ``SUPPORTED_RANKS``."""
+    """y = x Wᵀ + bias + scale·S Bᵀ -> [M, N] bf16: x [M, K], W [N, K], bias [N] or None, B [N, r], all bf16,
+    S [M, r] bf16 or fp32 (rounded to bf16 in the kernel); row-major with sizes that are multiples of 8
+    (r: 16-byte aligned rows); r in ``SUPPORTED_RANKS``."""
     return _run(prepare_base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype))
 
 

@@ -35,10 +35,16 @@ from ..launch import launch as launch_kernel
 from .masked_tiles import keep_words, mask_in_place, ring_loader, store_keep_bits
 from .ws_gemm import _acc_layout, _descriptor_of
 
-__all__ = ["SUPPORTED_RANKS", "da", "prepare_da", "prepare_shrink", "shrink"]
+__all__ = ["ROUTED_RANKS", "SUPPORTED_RANKS", "da", "prepare_da", "prepare_shrink", "shrink"]
 
 SUPPORTED_RANKS = (8, 16, 32, 64)
 """Ranks the kernel takes (the low-rank boxes and the wgmma N are max(r, 16) wide; TMA zero-fills beyond r)."""
+
+ROUTED_RANKS = (8, 16)
+"""Ranks the "gluon" kernel set sends here (``kernel_set.split_applies``); the others stay with the ``tl``
+kernels. Timed faster than those at r = 8 and 16 (H200, layer.py). At r = 64 the ring leaves room for one
+program per SM and the layer ran slower (8192×4096×4096 graphed, ÷ base: 1.49 / 2.17 at p = 0 / 0.1 against
+1.32 / 1.36 with the ``tl`` shrink and dA); r = 32 is not timed yet."""
 
 _BLOCK_M, _BLOCK_K, _STAGES, _PER_SM, _LOADER_REGS = 64, 128, 4, 2, 40
 """x tile rows and columns, ring depth, programs per SM the split aims at, loader registers."""
