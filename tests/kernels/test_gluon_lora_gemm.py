@@ -72,6 +72,21 @@ def test_gluon_base_expand_takes_a_contiguous_bf16_bias_only(monkeypatch, bias, 
     assert lora_gemm.bias_ok(bias, 48) is applies
 
 
+@pytest.mark.parametrize("r, in_kernel", [(8, True), (16, True), (32, False), (64, False)])
+def test_the_set_hands_an_fp32_s_to_the_kernel_when_it_costs_no_ring_stage(monkeypatch, r, in_kernel):
+    monkeypatch.setattr(gks, "_hopper", lambda t: True)
+    seen = {}
+
+    def fake_base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype):
+        seen.update(s=s_act.dtype, b=lora_b.dtype)
+        return x.new_empty(x.shape[0], weight.shape[0])
+    monkeypatch.setattr(lora_gemm, "base_expand", fake_base_expand)
+    t = operands(64, 32, 48, r, device="cpu", adapter_dtype=torch.float32)
+    gks.base_expand(t["x"], t["w"], None, t["s"], t["b"], 2.0, BF)
+    assert lora_gemm.fp32_low_is_free(r) is in_kernel
+    assert seen == {"s": torch.float32 if in_kernel else BF, "b": BF}
+
+
 def test_gluon_dx_needs_keep_bits_exactly_when_p_is_positive(monkeypatch):
     monkeypatch.setattr(gks, "_hopper", lambda t: True)
     t = operands(64, 32, 48, 16, device="cpu")

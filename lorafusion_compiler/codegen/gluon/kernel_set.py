@@ -1,7 +1,8 @@
 """The ``"gluon"`` kernel set (``options={"kernels": "gluon"}``; ``"auto"`` picks it for bf16 with CUDA
-graphs on Hopper, ``backend.kernel_set_for``): the ``"triton"`` set with its two fused GEMMs, ``base_expand`` and ``dx``, run by the warp-specialised Gluon kernels
-of ``lora_gemm`` wherever those apply, ``shrink`` and ``da`` by the one of ``split_kernels``
-(``split_applies``: r ≤ 16), and by the ``tl`` kernels everywhere else.
+graphs on Hopper, ``backend.kernel_set_for``): the ``"triton"`` set with its two fused GEMMs,
+``base_expand`` and ``dx``, run by the warp-specialised Gluon kernels of ``lora_gemm`` wherever those
+apply, ``shrink`` and ``da`` by the one of ``split_kernels`` (``split_applies``: r ≤ 16), and by the
+``tl`` kernels everywhere else.
 
 Gluon applies to a call when it runs on a Hopper GPU with the activations, weight and output in
 bfloat16 and the adapters in bfloat16 or float32 (rounded to bf16 first, as the Triton kernels
@@ -92,7 +93,8 @@ def base_expand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
 
         bf16 = torch.bfloat16
         # an fp32 S (shrink's, PEFT's fp32 adapters) is rounded in the kernel when that costs no ring stage
-        s_in = s_act if s_act.dtype == bf16 or fp32_low_is_free(s_act.shape[1]) else s_act.to(bf16)
+        in_kernel = s_act.dtype == bf16 or (fp32_low_is_free(s_act.shape[1]) and _tma_rows(s_act))
+        s_in = s_act if in_kernel else s_act.to(bf16)
         return gluon_base_expand(x, weight, bias, s_in, lora_b.to(bf16), scale, out_dtype)
     return _tl.base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype)
 
