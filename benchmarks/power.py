@@ -9,7 +9,7 @@ over the phase's second half, the mean watts and MHz there, and the energy per c
 Phases run in rounds (A B C … A B C …) so drift shows up as a difference between rounds.
 
     python benchmarks/power.py gemms                       # LLaMa-8B GEMMs at 4096 tokens: cuBLAS, tl, Gluon
-    python benchmarks/power.py gemms --shapes 4096x4096x14336 --seconds 4
+    python benchmarks/power.py gemms --shapes 4096x4096x14336 --only cuBLAS gluon --seconds 4
     python benchmarks/power.py steps --layers 8 --p 0.0    # e2e.py's floor+cg and ours+cg training steps
 
 Needs NVML's Python binding (``pip install nvidia-ml-py``; it imports as ``pynvml``).
@@ -122,15 +122,17 @@ def energy_rows(phases: list[Phase], samples: list[Sample]) -> list[dict]:
     return rows
 
 
-def _gemm_calls(shape: str) -> dict[str, Callable[[], object]]:
-    """cuBLAS, tl and (on Hopper) Gluon GEMMs of ``gemm_check.shape_calls`` for "MxKxN", 20 per CUDA graph."""
+def _gemm_calls(shape: str, only: list[str] | None) -> dict[str, Callable[[], object]]:
+    """cuBLAS, tl and (on Hopper) Gluon GEMMs of ``gemm_check.shape_calls`` for "MxKxN" whose names contain
+    one of ``only`` (all when None), 20 per CUDA graph."""
     import torch
     from cuda_graph import replay_of_calls
     from gemm_check import shape_calls
 
     m, k, n = (int(v) for v in shape.split("x"))
     fwd, bwd, _ = shape_calls(m, k, n, gluon=torch.cuda.get_device_capability()[0] == 9)
-    return {f"{shape} {name}": replay_of_calls(fn, 20) for name, fn in {**fwd, **bwd}.items()}
+    return {f"{shape} {name}": replay_of_calls(fn, 20) for name, fn in {**fwd, **bwd}.items()
+            if only is None or any(part in name for part in only)}
 
 
 def _step_calls(layers: int, p: float, variants: list[str]) -> dict[str, Callable[[], object]]:
@@ -154,6 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("what", choices=("gemms", "steps"))
     parser.add_argument("--shapes", nargs="+", default=["4096x4096x14336", "4096x14336x4096", "4096x4096x4096"],
                         help="gemms: M x K x N")
+    parser.add_argument("--only", nargs="+", default=None, help="gemms: keep the calls whose names contain one of these")
     parser.add_argument("--layers", type=int, default=8, help="steps: decoder layers")
     parser.add_argument("--p", type=float, default=0.0, help="steps: LoRA dropout of the ours variants")
     parser.add_argument("--variants", nargs="+", default=["floor+cg", "ours+cg"], help="steps: e2e.py variants")
@@ -162,7 +165,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.seconds <= 0.2 or args.rounds < 1:
         parser.error(f"--seconds {args.seconds} must exceed 0.2 and --rounds {args.rounds} be >= 1")
-    groups = ([_gemm_calls(shape) for shape in args.shapes] if args.what == "gemms"
+    groups = ([_gemm_calls(shape, args.only) for shape in args.shapes] if args.what == "gemms"
               else [_step_calls(args.layers, args.p, args.variants)])
     per_run, sync_every = (20, 5) if args.what == "gemms" else (1, 3)
     phases = []
