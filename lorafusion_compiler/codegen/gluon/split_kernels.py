@@ -5,9 +5,9 @@
 
 Same meaning as ``codegen.kernels.shrink`` / ``da`` (the mask of ``ops.dropout_mask``; A and dS rounded
 to bf16 before their products; fp32 accumulation). Why: the mask's integer work bounds both at p > 0;
-here it takes ~40% fewer instructions than in the ``tl`` kernels (``masked_tiles``) and overlaps the
-loads (H200, 8192×4096, r=16: dA with keep bits 32.5 µs vs the tl one's 40.6, shrink 29.6 vs 34.0;
-docs/kernel-notes/dropout-mask.md, sixteenth session). A 1-warp loader streams x tiles
+here it takes ~40% fewer instructions than in the ``tl`` kernels (``masked_tiles``) and runs beside
+the loads, which a separate warp issues (H200, 8192×4096, r=16: dA with keep bits 32.5 µs vs the tl
+one's 40.6, shrink 29.6 vs 34.0; docs/kernel-notes/dropout-mask.md, sixteenth session). A 1-warp loader streams x tiles
 [BLOCK_M, BLOCK_K] and the other operand's tiles (A [r, BLOCK_K] or dS [BLOCK_M, r], fp32 or bf16) by
 TMA into a ring (``masked_tiles.ring_loader``); the consumer warpgroup computes a tile's keep words
 before its data arrives, masks the x tile in place (``masked_tiles.mask_in_place``), rounds the
