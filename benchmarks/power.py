@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from split_check import parse_shape
+
 __all__ = ["Phase", "PowerSampler", "Sample", "energy_rows", "run_phase"]
 
 
@@ -122,16 +124,16 @@ def energy_rows(phases: list[Phase], samples: list[Sample]) -> list[dict]:
     return rows
 
 
-def _gemm_calls(shape: str, only: list[str] | None) -> dict[str, Callable[[], object]]:
-    """cuBLAS, tl and (on Hopper) Gluon GEMMs of ``gemm_check.shape_calls`` for "MxKxN" whose names contain
+def _gemm_calls(shape: tuple[int, int, int], only: list[str] | None) -> dict[str, Callable[[], object]]:
+    """cuBLAS, tl and (on Hopper) Gluon GEMMs of ``gemm_check.shape_calls`` for (M, K, N) whose names contain
     one of ``only`` (all when None), 20 per CUDA graph."""
     import torch
     from cuda_graph import replay_of_calls
     from gemm_check import shape_calls
 
-    m, k, n = (int(v) for v in shape.split("x"))
+    m, k, n = shape
     fwd, bwd, _ = shape_calls(m, k, n, gluon=torch.cuda.get_device_capability()[0] == 9)
-    return {f"{shape} {name}": replay_of_calls(fn, 20) for name, fn in {**fwd, **bwd}.items()
+    return {f"{m}x{k}x{n} {name}": replay_of_calls(fn, 20) for name, fn in {**fwd, **bwd}.items()
             if only is None or any(part in name for part in only)}
 
 
@@ -154,8 +156,8 @@ def _step_calls(layers: int, p: float, variants: list[str]) -> dict[str, Callabl
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("gemms", "steps"))
-    parser.add_argument("--shapes", nargs="+", default=["4096x4096x14336", "4096x14336x4096", "4096x4096x4096"],
-                        help="gemms: M x K x N")
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", metavar="MxKxN",
+                        default=[(4096, 4096, 14336), (4096, 14336, 4096), (4096, 4096, 4096)], help="gemms: M x K x N")
     parser.add_argument("--only", nargs="+", default=None, help="gemms: keep the calls whose names contain one of these")
     parser.add_argument("--layers", type=int, default=8, help="steps: decoder layers")
     parser.add_argument("--p", type=float, default=0.0, help="steps: LoRA dropout of the ours variants")

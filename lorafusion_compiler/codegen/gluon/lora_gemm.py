@@ -23,6 +23,7 @@ zero-fills beyond r. Measured: ``docs/kernel-notes/fused-gemms.md``, "The fused 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -355,6 +356,7 @@ def _check_low(name: str, low: torch.Tensor, m: int) -> None:
         raise ValueError(f"{name} must be row-major with 16-byte aligned rows, got strides {low.stride()}")
 
 
+@functools.lru_cache(maxsize=None)
 def fp32_low_is_free(r: int) -> bool:
     """Whether an fp32 S or dS [M, r] (twice a bf16 one's shared memory) leaves the ring as deep as a bf16
     one would: then the kernel rounds it, with no separate cast."""
