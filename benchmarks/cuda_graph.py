@@ -43,6 +43,13 @@ def capture(step: Callable[[], Any], *, clear: Iterable[torch.Tensor] = ()) -> t
 
 def replay_of_calls(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
     """The ``replay`` of a CUDA graph of ``calls`` back-to-back calls of ``fn`` (warmed up, tuned and
-    compiled first by ``capture``): one replay times ``calls`` calls without their host launch cost."""
-    graph, _ = capture(lambda: [fn() for _ in range(calls)])
-    return graph.replay
+    compiled first by ``capture``): one replay times ``calls`` calls without their host launch cost.
+    The returned function keeps ``fn`` (so the operands it closes over) and the captured outputs
+    alive: the graph reads and writes their memory on every replay, and a caller that only holds
+    the replay must not let the allocator hand that memory to other tensors."""
+    graph, outputs = capture(lambda: [fn() for _ in range(calls)])
+
+    def replay(_alive: tuple = (fn, outputs)) -> None:
+        graph.replay()
+
+    return replay

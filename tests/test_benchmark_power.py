@@ -32,3 +32,44 @@ def test_the_sampler_names_the_missing_package(monkeypatch):
 def test_arguments_are_checked_before_any_gpu_work():
     with pytest.raises(SystemExit):
         power.main(["gemms", "--seconds", "0.1"])
+
+
+def test_a_replay_keeps_the_captured_call_and_its_outputs_alive(monkeypatch):
+    """power.py captures every shape's graphs before timing any: the graphs read and write the operands the
+    call closes over and the outputs it made, so the replay must keep both from being freed and reused."""
+    import gc
+    import weakref
+
+    import cuda_graph
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    class Tensorish:  # stands for an operand / an output
+        pass
+
+    graph = Graph()
+    monkeypatch.setattr(cuda_graph, "capture", lambda step: (graph, step()))
+    operand = Tensorish()
+
+    class Call:
+        def __init__(self, x):
+            self.x = x
+            self.made = []
+
+        def __call__(self):
+            out = Tensorish()
+            self.made.append(weakref.ref(out))
+            return out
+
+    call = Call(operand)
+    replay = cuda_graph.replay_of_calls(call, 3)
+    refs = [weakref.ref(operand), *call.made]
+    del operand, call
+    gc.collect()
+    assert len(refs) == 4 and all(ref() is not None for ref in refs)
+    replay()
+    assert graph.replays == 1
