@@ -12,7 +12,8 @@ from types import ModuleType
 __all__ = ["KERNEL_SETS", "get_kernel_set"]
 
 KERNEL_SETS = ("torch", "triton", "gluon")
-"""Valid names: ``"torch"`` (reference, any device), ``"triton"`` (GPU, or CPU under TRITON_INTERPRET=1)
+"""Valid names: ``"torch"`` (reference, any device), ``"triton"`` (GPU, or CPU under TRITON_INTERPRET=1;
+``codegen/triton_set.py``: the generated kernels, and cuBLAS for the mask-free products at larger ranks)
 and ``"gluon"`` (``"triton"`` with base_expand and dx in Gluon on Hopper where they apply,
 ``codegen/gluon/kernel_set.py``; ``"auto"`` picks it for bf16 with CUDA graphs on Hopper)."""
 
@@ -24,9 +25,9 @@ def get_kernel_set(name: str) -> ModuleType:
 
         return reference
     if name == "triton":
-        from ..codegen import kernels
+        from ..codegen import triton_set
 
-        return kernels
+        return triton_set
     if name == "gluon":
         from ..codegen.gluon import kernel_set
 

@@ -72,8 +72,19 @@ def test_gluon_base_expand_takes_a_contiguous_bf16_bias_only(monkeypatch, bias, 
     assert lora_gemm.bias_ok(bias, 48) is applies
 
 
-@pytest.mark.parametrize("r, in_kernel", [(8, True), (16, True), (32, False), (64, False)])
-def test_the_set_hands_an_fp32_s_to_the_kernel_when_it_costs_no_ring_stage(monkeypatch, r, in_kernel):
+@pytest.mark.parametrize("r, bits, in_kernel", [(8, False, True), (16, False, True), (16, True, True), (32, False, False),
+                                             (64, False, False), (64, True, False)])
+def test_an_fp32_low_rank_operand_is_rounded_in_the_kernel_where_that_costs_no_ring_stage(r, bits, in_kernel):
+    assert lora_gemm.fp32_low_is_free(r, bits) is in_kernel
+    low = torch.randn(256, r)
+    _, args, _, _ = lora_gemm._launch_args(torch.empty(256, 64, dtype=BF), torch.empty(128, 64, dtype=BF), low,
+                                           torch.empty(128, r, dtype=BF), True, torch.empty(256, 128, dtype=BF), None,
+                                           torch.zeros(256, 16, dtype=torch.uint8) if bits else None, 1.0, 256, 128, 64,
+                                           num_sms=132)
+    assert args[2].base.dtype == (torch.float32 if in_kernel else BF)  # the S / dS descriptor's tensor
+
+
+def test_the_set_hands_an_fp32_s_to_lora_gemm_and_rounds_b(monkeypatch):
     monkeypatch.setattr(gks, "_hopper", lambda t: True)
     seen = {}
 
@@ -81,10 +92,9 @@ def test_the_set_hands_an_fp32_s_to_the_kernel_when_it_costs_no_ring_stage(monke
         seen.update(s=s_act.dtype, b=lora_b.dtype)
         return x.new_empty(x.shape[0], weight.shape[0])
     monkeypatch.setattr(lora_gemm, "base_expand", fake_base_expand)
-    t = operands(64, 32, 48, r, device="cpu", adapter_dtype=torch.float32)
+    t = operands(64, 32, 48, 16, device="cpu", adapter_dtype=torch.float32)
     gks.base_expand(t["x"], t["w"], None, t["s"], t["b"], 2.0, BF)
-    assert lora_gemm.fp32_low_is_free(r) is in_kernel
-    assert seen == {"s": torch.float32 if in_kernel else BF, "b": BF}
+    assert seen == {"s": torch.float32, "b": BF}
 
 
 def test_gluon_dx_needs_keep_bits_exactly_when_p_is_positive(monkeypatch):
@@ -95,6 +105,17 @@ def test_gluon_dx_needs_keep_bits_exactly_when_p_is_positive(monkeypatch):
     assert gks.gluon_applies("dx", **common, p=0.1, keep_bits=bits)
     assert not gks.gluon_applies("dx", **common, p=0.1)  # the tl dx regenerates the mask from the seed
     assert not gks.gluon_applies("dx", **common, p=0.0, keep_bits=bits)
+
+
+@pytest.mark.parametrize("r, applies", [(16, True), (32, True), (64, False)])
+def test_gluon_dx_with_keep_bits_needs_a_deep_ring(monkeypatch, r, applies):
+    monkeypatch.setattr(gks, "_hopper", lambda t: True)
+    t = operands(64, 1024, 48, r, device="cpu")
+    bits = torch.zeros(64, 1024 // 8, dtype=torch.uint8)  # 128-byte rows: through TMA, into shared memory
+    assert lora_gemm.deep_ring(r, bits_tma=True) is applies
+    assert gks.gluon_applies("dx", a=t["dy"], weight=t["w"], low=t["ds"], right=t["a"], out_dtype=BF, p=0.1,
+                             keep_bits=bits) is applies
+    assert gks.gluon_applies("dx", a=t["dy"], weight=t["w"], low=t["ds"], right=t["a"], out_dtype=BF)  # p = 0
 
 
 def test_off_hopper_the_set_equals_the_triton_set(device):

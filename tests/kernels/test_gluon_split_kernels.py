@@ -32,20 +32,38 @@ def operands(m, k, r, *, device, low_dtype=torch.float32, seed=0):
     ({"low_dtype": BF}, True),
     ({"low_dtype": torch.float16}, False),
     ({"r": 8}, True),
-    ({"r": 32}, False),  # the kernels take it; the set keeps the tl ones (split_kernels.ROUTED_RANKS)
-    ({"r": 64}, False),  # timed slower than the tl kernels (one program per SM)
+    ({"r": 32}, True),
+    ({"r": 64}, True),
     ({"r": 128}, False),
     ({"r": 12}, False),
     ({"k": 100}, False),  # K % 8 != 0
     ({"x_dtype": torch.float16}, False),
 ])
-def test_split_kernels_apply_to_bf16_x_and_ranks_up_to_16(monkeypatch, change, applies):
+def test_split_kernels_apply_to_bf16_x_and_ranks_up_to_64(monkeypatch, change, applies):
     monkeypatch.setattr(gks, "_hopper", lambda t: True)
     x, ds, a, _ = operands(40, change.get("k", 64), change.get("r", 16), device="cpu",
                            low_dtype=change.get("low_dtype", torch.float32))
     x = x.to(change.get("x_dtype", BF))
     assert gks.split_applies(x, a, rank_dim=0) is applies
     assert gks.split_applies(x, ds, rank_dim=1) is applies
+
+
+@pytest.mark.parametrize("r, p, expected", [(16, 0.0, "gluon"), (32, 0.0, "cublas"), (32, 0.1, "gluon"), (64, 0.0, "cublas")])
+def test_without_dropout_from_rank_32_cublas_takes_shrink_and_da_before_gluon(monkeypatch, r, p, expected):
+    from lorafusion_compiler.codegen import dense_products
+    from lorafusion_compiler.codegen.gluon import split_kernels
+
+    monkeypatch.setattr(gks, "_hopper", lambda t: True)
+    # as dense_products.applies decides on a GPU (it takes CUDA tensors only)
+    monkeypatch.setattr(dense_products, "applies",
+                        lambda kernel, *, activations, rank, p=0.0: p == 0.0 and rank >= dense_products.MIN_RANK[kernel])
+    monkeypatch.setattr(dense_products, "shrink", lambda *a: "cublas")
+    monkeypatch.setattr(dense_products, "da", lambda *a: "cublas")
+    monkeypatch.setattr(split_kernels, "shrink", lambda *a, **k: "gluon")
+    monkeypatch.setattr(split_kernels, "da", lambda *a, **k: "gluon")
+    x, ds, a, seed = operands(40, 64, r, device="cpu")
+    assert gks.shrink(x, a, seed, p) == expected
+    assert gks.da(x, ds, seed, p, torch.float32) == expected
 
 
 def test_the_deterministic_da_is_the_triton_one(monkeypatch):

@@ -1,22 +1,26 @@
 """The ``"gluon"`` kernel set (``options={"kernels": "gluon"}``; ``"auto"`` picks it for bf16 with CUDA
 graphs on Hopper, ``backend.kernel_set_for``): the ``"triton"`` set with its two fused GEMMs,
 ``base_expand`` and ``dx``, run by the warp-specialised Gluon kernels of ``lora_gemm`` wherever those
-apply, ``shrink`` and ``da`` by the one of ``split_kernels`` (``split_applies``: r ≤ 16), and by the
-``tl`` kernels everywhere else.
+apply, ``shrink`` and ``da`` by the one of ``split_kernels`` (``split_applies``: r ≤ 64, unless p = 0
+and r ≥ 32, where cuBLAS is faster: ``dense_products``), and as the
+``"triton"`` set (``triton_set``: ``tl`` kernels or cuBLAS matmuls) everywhere else.
 
 Gluon applies to a call when it runs on a Hopper GPU with the activations, weight and output in
 bfloat16 and the adapters in bfloat16 or float32 (rounded to bf16 first, as the Triton kernels
 round them), row-major with sizes that are multiples of 8, a rank in ``lora_gemm.SUPPORTED_RANKS``,
-a weight given, and (dx) the dropout mask given as keep bits when p > 0. ``ds_db``, the deterministic
-``da`` and the multi-adapter launchers are the ``tl`` ones.
+a weight given, and (dx) the dropout mask given as keep bits when p > 0, with a ring still
+``lora_gemm.MIN_DX_STAGES`` deep beside them (not at r = 64). ``ds_db``, the deterministic
+``da`` and the multi-adapter launchers are the ``"triton"`` set's.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import kernels as _tl
-from ..kernels import _tma_rows, ds_db
+from .. import dense_products as _dense
+from .. import triton_set as _tl
+from ..kernels import _tma_rows
+from ..triton_set import ds_db
 
 __all__ = ["base_expand", "da", "ds_db", "dx", "gluon_applies", "shrink", "split_applies"]
 
@@ -43,7 +47,7 @@ def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, 
                   p: float = 0.0, keep_bits: torch.Tensor | None = None) -> bool:
     """Whether ``kernel`` ("base_expand" or "dx") runs in Gluon for these operands: ``a`` = x or dY,
     ``low`` = S or dS [M, r], ``right`` = B [N, r] or A [r, K]."""
-    from .lora_gemm import SUPPORTED_RANKS, bias_ok
+    from .lora_gemm import SUPPORTED_RANKS, bias_ok, deep_ring
 
     if weight is None or out_dtype != torch.bfloat16 or not _hopper(a) or low.shape[1] not in SUPPORTED_RANKS:
         return False
@@ -51,8 +55,10 @@ def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, 
         return False
     if kernel == "base_expand":
         return _tma_ok(low, _ADAPTER_DTYPES) and bias_ok(bias, weight.shape[0])
-    # dS (fp32, from ds_db) is rounded to bf16 inside the kernel; keep bits exist exactly when p > 0
-    return low.dtype in _ADAPTER_DTYPES and _tma_rows(low) and (p == 0.0) == (keep_bits is None)
+    # dS (fp32, from ds_db) is rounded to bf16 by lora_gemm; keep bits exist exactly when p > 0, and with
+    # them the ring must stay deep (r=64: the Triton dX is faster)
+    return (low.dtype in _ADAPTER_DTYPES and _tma_rows(low) and (p == 0.0) == (keep_bits is None)
+            and (keep_bits is None or deep_ring(low.shape[1], bits_tma=_tma_rows(keep_bits))))
 
 
 def split_applies(x: torch.Tensor, low: torch.Tensor, *, rank_dim: int, deterministic: bool = False) -> bool:
@@ -67,8 +73,8 @@ def split_applies(x: torch.Tensor, low: torch.Tensor, *, rank_dim: int, determin
 
 
 def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """``kernels.shrink``, in Gluon where ``split_applies``."""
-    if split_applies(x, lora_a, rank_dim=0):
+    """``triton_set.shrink``, in Gluon where ``split_applies`` and no cuBLAS matmul does it (p = 0, r ≥ 32)."""
+    if split_applies(x, lora_a, rank_dim=0) and not _dense.applies("shrink", activations=x, rank=lora_a.shape[0], p=p):
         from .split_kernels import shrink as gluon_shrink
 
         return gluon_shrink(x, lora_a, seed, p)
@@ -77,8 +83,9 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) 
 
 def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *,
        deterministic: bool = False, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
-    """``kernels.da``, in Gluon where ``split_applies``."""
-    if split_applies(x, ds, rank_dim=1, deterministic=deterministic):
+    """``triton_set.da``, in Gluon where ``split_applies`` and no cuBLAS matmul does it (p = 0, r ≥ 32)."""
+    if split_applies(x, ds, rank_dim=1, deterministic=deterministic) and not _dense.applies(
+            "da", activations=x, rank=ds.shape[1], p=p):
         from .split_kernels import da as gluon_da
 
         return gluon_da(x, ds, seed, p, a_dtype, keep_bits=keep_bits)
@@ -89,13 +96,11 @@ def base_expand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
                 lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """``kernels.base_expand``, in Gluon where ``gluon_applies``."""
     if gluon_applies("base_expand", a=x, weight=weight, low=s_act, right=lora_b, out_dtype=out_dtype, bias=bias):
-        from .lora_gemm import base_expand as gluon_base_expand, fp32_low_is_free
+        from .lora_gemm import base_expand as gluon_base_expand
 
-        bf16 = torch.bfloat16
-        # an fp32 S (shrink's, PEFT's fp32 adapters) is rounded in the kernel when that costs no ring stage
-        in_kernel = s_act.dtype == bf16 or (fp32_low_is_free(s_act.shape[1]) and _tma_rows(s_act))
-        s_in = s_act if in_kernel else s_act.to(bf16)
-        return gluon_base_expand(x, weight, bias, s_in, lora_b.to(bf16), scale, out_dtype)
+        # an fp32 S (shrink's, PEFT's fp32 adapters) is rounded by lora_gemm, in the kernel where that is free
+        s_in = s_act if _tma_rows(s_act) else s_act.to(torch.bfloat16)
+        return gluon_base_expand(x, weight, bias, s_in, lora_b.to(torch.bfloat16), scale, out_dtype)
     return _tl.base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype)
 
 

@@ -42,7 +42,8 @@ from ..kernels import _tma_rows
 from ..launch import launch as launch_kernel
 from .ws_gemm import _OPTIONS, _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _tile_offsets
 
-__all__ = ["SUPPORTED_RANKS", "base_expand", "bias_ok", "dx", "prepare_base_expand", "prepare_dx"]
+__all__ = ["MIN_DX_STAGES", "SUPPORTED_RANKS", "base_expand", "bias_ok", "deep_ring", "dx", "fp32_low_is_free",
+           "prepare_base_expand", "prepare_dx"]
 
 SUPPORTED_RANKS = (8, 16, 32, 64)
 """Ranks the kernels take (the low-rank wgmma's K is max(r, 16); larger ranks use the ``tl`` kernels)."""
@@ -348,7 +349,8 @@ def _check_rank(r: int, name: str) -> None:
 
 def _check_low(name: str, low: torch.Tensor, m: int) -> None:
     """S or dS: a float32 or bfloat16 [M, r] tensor, row-major with 16-byte aligned rows, r supported
-    (an fp32 one is rounded to bf16 in the kernel, as the Triton kernels round it)."""
+    (an fp32 one is rounded to bf16, as the Triton kernels round it: in the kernel where
+    ``fp32_low_is_free``, else by a cast before the launch)."""
     if low.dim() != 2 or low.dtype not in (torch.float32, torch.bfloat16) or low.shape[0] != m:
         raise ValueError(f"{name} must be a float32 or bfloat16 [M={m}, r] tensor, got {low.dtype} {tuple(low.shape)}")
     _check_rank(low.shape[1], f"{name}.shape={tuple(low.shape)}")
@@ -357,10 +359,23 @@ def _check_low(name: str, low: torch.Tensor, m: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def fp32_low_is_free(r: int) -> bool:
+def fp32_low_is_free(r: int, bits_tma: bool = False) -> bool:
     """Whether an fp32 S or dS [M, r] (twice a bf16 one's shared memory) leaves the ring as deep as a bf16
-    one would: then the kernel rounds it, with no separate cast."""
-    return _stages_and_epi(max(16, r), 4, False) == _stages_and_epi(max(16, r), 2, False)
+    one would (with keep bits in shared memory when ``bits_tma``): then the kernel rounds it, with no
+    separate cast. (Where it is not, the fp32 tile held in registers for its rounding also spills:
+    r=64 dX took 523 / 972 µs at p=0 / with keep bits against 401 / 534 µs with dS cast first.)"""
+    return _stages_and_epi(max(16, r), 4, bits_tma) == _stages_and_epi(max(16, r), 2, bits_tma)
+
+
+MIN_DX_STAGES = 4
+"""The shallowest ring at which the "gluon" set runs dX with keep bits here (``deep_ring``)."""
+
+
+def deep_ring(r: int, *, bits_tma: bool) -> bool:
+    """Whether a launch at rank ``r`` (low-rank operand in bf16, keep bits in shared memory when ``bits_tma``)
+    keeps a ring of at least ``MIN_DX_STAGES`` slots. At r=64 with keep bits it has 3, and dX took 534 µs
+    against 401 at p=0 (8192×4096×4096; the Triton set's layer was 1.39× base there against 1.51×)."""
+    return _stages_and_epi(max(16, r), 2, bits_tma)[0] >= MIN_DX_STAGES
 
 
 Launch = tuple[tuple[int], tuple, dict, torch.Tensor]
@@ -373,6 +388,8 @@ def _launch_args(a, b, l_mat, r_mat, b_kmajor: bool, out, bias, bits, lscale: fl
     rank_pad = max(16, l_mat.shape[1])
     # bits [M, n/8] bytes through TMA need 16-byte aligned rows (n % 128 == 0)
     bits_tma = bits is not None and _tma_rows(bits)
+    if l_mat.dtype != torch.bfloat16 and not fp32_low_is_free(l_mat.shape[1], bits_tma):
+        l_mat = l_mat.to(torch.bfloat16)  # the values the kernel's own rounding would give
     stages, epi_n = _stages_and_epi(rank_pad, l_mat.element_size(), bits_tma)
     l_desc = _descriptor_of(l_mat, [_BLOCK_M, rank_pad])
     # bits as int32 words [M, n/32]: each thread then reads whole words

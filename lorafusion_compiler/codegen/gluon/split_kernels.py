@@ -40,11 +40,13 @@ __all__ = ["ROUTED_RANKS", "SUPPORTED_RANKS", "da", "prepare_da", "prepare_shrin
 SUPPORTED_RANKS = (8, 16, 32, 64)
 """Ranks the kernel takes (the low-rank boxes and the wgmma N are max(r, 16) wide; TMA zero-fills beyond r)."""
 
-ROUTED_RANKS = (8, 16)
-"""Ranks the "gluon" kernel set sends here (``kernel_set.split_applies``); the others stay with the ``tl``
-kernels. Timed faster than those at r = 8 and 16 (H200, layer.py). At r = 64 the ring leaves room for one
-program per SM and the layer ran slower (8192×4096×4096 graphed, ÷ base: 1.49 / 2.17 at p = 0 / 0.1 against
-1.32 / 1.36 with the ``tl`` shrink and dA); r = 32 is not timed yet."""
+ROUTED_RANKS = (8, 16, 32, 64)
+"""Ranks the "gluon" kernel set sends here (``kernel_set.split_applies``; at p = 0 from r = 32 on it sends
+shrink and dA to cuBLAS instead, ``dense_products``). Timed against the ``tl`` kernels at p = 0.1 (H200,
+CUDA graphs of 10 calls, µs, shrink / dA with keep bits, Triton -> Gluon): 8192×4096 r=32 43.6 -> 41.2 /
+56.8 -> 33.2, r=64 51.0 -> 49.8 / 57.8 -> 50.9; 4096×14336 r=32 70.6 -> 68.6 / 98.2 -> 69.3, r=64 93.9 ->
+84.3 / 106.7 -> 95.3. (The slow r=64 layer once blamed on these kernels was the Gluon dX holding an
+fp32 dS in registers: ``lora_gemm.fp32_low_is_free``.)"""
 
 _BLOCK_M, _BLOCK_K, _STAGES, _PER_SM, _LOADER_REGS = 64, 128, 4, 2, 40
 """x tile rows and columns, ring depth, programs per SM the split aims at, loader registers."""

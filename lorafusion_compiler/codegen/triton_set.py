@@ -1,0 +1,43 @@
+"""The ``"triton"`` kernel set: the generated Triton kernels (``kernels``), with the mask-free shrink,
+dA and dS/dB products as cuBLAS matmuls where ``dense_products.applies`` (p = 0 at larger ranks, where
+cuBLAS is measured faster). Signatures: ``lorafusion_compiler.ops.reference``."""
+
+from __future__ import annotations
+
+import torch
+
+from . import dense_products as _dense
+from . import kernels as _tl
+from .kernels import base_expand, dx
+
+__all__ = ["base_expand", "da", "ds_db", "dx", "multi_backward", "multi_forward", "shrink"]
+
+
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``kernels.shrink``, a cuBLAS matmul where ``dense_products.applies``."""
+    if _dense.applies("shrink", activations=x, rank=lora_a.shape[0], p=p):
+        return _dense.shrink(x, lora_a)
+    return _tl.shrink(x, lora_a, seed, p)
+
+
+def ds_db(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor, scale: float, *,
+          deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.ds_db``, two cuBLAS matmuls where ``dense_products.applies`` (deterministic: no atomics)."""
+    if _dense.applies("ds_db", activations=dy, rank=lora_b.shape[1]):
+        return _dense.ds_db(dy, lora_b, s_act, scale)
+    return _tl.ds_db(dy, lora_b, s_act, scale, deterministic=deterministic)
+
+
+def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *,
+       deterministic: bool = False, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """``kernels.da``, a cuBLAS matmul where ``dense_products.applies`` (p = 0: no keep bits to write)."""
+    if _dense.applies("da", activations=x, rank=ds.shape[1], p=p):
+        return _dense.da(x, ds, a_dtype)
+    return _tl.da(x, ds, seed, p, a_dtype, deterministic=deterministic, keep_bits=keep_bits)
+
+
+def __getattr__(name: str):
+    """The multi-adapter launchers (``multi_forward``, ``multi_backward``) are ``kernels``'."""
+    if name in ("multi_forward", "multi_backward"):
+        return getattr(_tl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
