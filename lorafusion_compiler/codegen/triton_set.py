@@ -9,6 +9,7 @@ import torch
 from . import dense_products as _dense
 from . import kernels as _tl
 from .kernels import base_expand, dx
+from .multi import multi_backward, multi_forward
 
 __all__ = ["base_expand", "da", "ds_db", "dx", "multi_backward", "multi_forward", "shrink"]
 
@@ -35,9 +36,3 @@ def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype:
         return _dense.da(x, ds, a_dtype)
     return _tl.da(x, ds, seed, p, a_dtype, deterministic=deterministic, keep_bits=keep_bits)
 
-
-def __getattr__(name: str):
-    """The multi-adapter launchers (``multi_forward``, ``multi_backward``) are ``kernels``'."""
-    if name in ("multi_forward", "multi_backward"):
-        return getattr(_tl, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,7 @@ the op with the "triton" set at r=128 against the torch reference set, output an
 
 import pytest
 import torch
+from helpers import rel_error as rel
 
 from lorafusion_compiler.codegen import dense_products as dense
 from lorafusion_compiler.codegen import kernels as tk
@@ -17,10 +18,6 @@ from lorafusion_compiler.ops import get_kernel_set, lora_linear
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="the cuBLAS route is for CUDA tensors")
 BF = torch.bfloat16
-
-
-def rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 def test_the_triton_set_is_the_generated_kernels_plus_the_dense_route():

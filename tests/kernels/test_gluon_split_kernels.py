@@ -89,7 +89,9 @@ def test_off_hopper_the_set_runs_the_triton_kernels(device):
     (lambda x, ds, a, s: gsk.prepare_shrink(x, a, s.int(), 0.1, num_sms=132), "seed must be a one-element int64"),
     (lambda x, ds, a, s: gsk.prepare_shrink(x, a, s, 1.0, num_sms=132), "p=1.0"),
     (lambda x, ds, a, s: gsk.prepare_da(x, ds, s, 0.0, keep_bits=torch.zeros(40, 8, dtype=torch.uint8), num_sms=132),
-     r"keep_bits must be None or, for p > 0, a contiguous uint8 \[40, 8\]"),
+     r"keep_bits given with p=0.0, K=64: bits exist only for p != 0"),
+    (lambda x, ds, a, s: gsk.prepare_da(x, ds, s, 0.1, keep_bits=torch.zeros(40, 7, dtype=torch.uint8), num_sms=132),
+     r"keep_bits must be a contiguous uint8 \[40, 8\] tensor"),
 ])
 def test_launcher_errors_name_the_bad_value(call, message):
     x, ds, a, seed = operands(40, 64, 16, device="cpu")

@@ -20,9 +20,10 @@ import torch
 from .. import dense_products as _dense
 from .. import triton_set as _tl
 from ..kernels import _tma_rows
-from ..triton_set import ds_db
+from ..triton_set import ds_db, multi_backward, multi_forward
 
-__all__ = ["base_expand", "da", "ds_db", "dx", "gluon_applies", "shrink", "split_applies"]
+__all__ = ["base_expand", "da", "ds_db", "dx", "gluon_applies", "multi_backward", "multi_forward", "shrink",
+           "split_applies"]
 
 
 def _hopper(t: torch.Tensor) -> bool:
@@ -113,9 +114,3 @@ def dx(dy: torch.Tensor, weight: torch.Tensor | None, ds: torch.Tensor, lora_a: 
         return gluon_dx(dy, weight, ds, lora_a.to(torch.bfloat16), p, out_dtype, keep_bits=keep_bits)
     return _tl.dx(dy, weight, ds, lora_a, seed, p, out_dtype, keep_bits=keep_bits)
 
-
-def __getattr__(name: str):
-    """The multi-adapter launchers (``multi_forward``, ``multi_backward``) are the ``"triton"`` set's."""
-    if name in ("multi_forward", "multi_backward"):
-        return getattr(_tl, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ..autotune import num_sms as sm_count
-from ..kernels import _tma_rows
+from ..kernels import _check_bits, _tma_rows
 from ..launch import launch as launch_kernel
 from .ws_gemm import _OPTIONS, _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _tile_offsets
 
@@ -468,10 +468,7 @@ def prepare_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a:
     if (p != 0.0) != (keep_bits is not None):
         raise ValueError(f"p={p} with keep_bits={'given' if keep_bits is not None else None}: the Gluon dx reads the "
                          "mask from da's keep bits, which exist exactly when p > 0")
-    if keep_bits is not None and (keep_bits.dtype != torch.uint8 or tuple(keep_bits.shape) != (m, k // 8)
-                                  or not keep_bits.is_contiguous()):
-        raise ValueError(f"keep_bits must be a contiguous uint8 [{m}, {k // 8}] tensor, got "
-                         f"{keep_bits.dtype} {tuple(keep_bits.shape)}")
+    _check_bits(keep_bits, m, k, p, dy.device)
     _same_device(dy=dy, weight=weight, ds=ds, lora_a=lora_a, keep_bits=keep_bits)
     out = _new_out(m, k, out_dtype, dy)
     return _launch_args(dy, weight, ds, lora_a, False, out, None, keep_bits, 1.0 / (1.0 - p), m, k, n, num_sms)

@@ -30,7 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from ...ops import dropout_mask
 from ..autotune import cdiv, num_sms as sm_count
-from ..kernels import _tma_rows
+from ..kernels import _check_bits, _tma_rows
 from ..launch import launch as launch_kernel
 from .masked_tiles import keep_words, mask_in_place, ring_loader, store_keep_bits
 from .ws_gemm import _acc_layout, _descriptor_of
@@ -207,10 +207,7 @@ def prepare_da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, 
     """Checks and launch arguments of ``da`` (host work only, as ``prepare_shrink``)."""
     r = _check(x, ds, "ds", "[M, r]", seed, p)
     m, k = x.shape
-    if keep_bits is not None and (p == 0.0 or keep_bits.dtype != torch.uint8 or tuple(keep_bits.shape) != (m, k // 8)
-                                  or not keep_bits.is_contiguous() or keep_bits.device != x.device):
-        raise ValueError(f"keep_bits must be None or, for p > 0, a contiguous uint8 [{m}, {k // 8}] tensor on {x.device}; "
-                         f"got {keep_bits.dtype} {tuple(keep_bits.shape)} on {keep_bits.device} with p={p}")
+    _check_bits(keep_bits, m, k, p, x.device)
     k_blocks = cdiv(k, _BLOCK_K)
     split = _split(cdiv(m, _BLOCK_M), k_blocks, num_sms, x.device)
     out = torch.zeros(r, k, dtype=torch.float32, device=x.device)
