@@ -48,7 +48,8 @@ class LoRAFusionConfig:
     specialization key) are written into this directory."""
 
     deterministic: bool = False
-    """Avoid atomics in the backward kernels so adapter gradients are bitwise reproducible."""
+    """Avoid atomics so adapter gradients (and S, whose split sums the Gluon shrink otherwise adds
+    with atomics) are bitwise reproducible."""
 
     cudagraphs: bool = False
     """Record the compiled forward and backward graphs as CUDA graphs (Inductor's cudagraph

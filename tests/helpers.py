@@ -9,7 +9,7 @@ from torch import nn
 
 from lorafusion_compiler.ops.dropout_mask import keep_mask
 
-__all__ = ["requires_ortools", "assert_rel_close", "rel_error", "SeededDropout", "use_seeded_dropout", "adapter_grads", "compare_compiled_to_eager", "LossOf",
+__all__ = ["requires_ortools", "assert_rel_close", "rel_error", "zero_fills_in", "SeededDropout", "use_seeded_dropout", "adapter_grads", "compare_compiled_to_eager", "LossOf",
            "ADAPTERS", "peft_with_adapters"]
 
 
@@ -34,6 +34,25 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if not torch.isfinite(a).all():
         return float("inf")
     return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+def zero_fills_in(fn) -> list[str]:
+    """The aten zeros/fill ops that ``fn()`` dispatches (what would be fill kernel launches on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn()
+    assert record.ops, "fn dispatched no aten op at all"
+    return [op for op in record.ops if "zero" in op or "fill" in op]
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "tensor") -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, zero_fills_in
 from lorafusion_compiler.ops import keep_mask, lora_linear
 
 
@@ -61,6 +61,19 @@ def test_no_input_grad_skips_dx():
     y, _, _ = lora_linear(x, w, b, a, bb, 1.0, 0.0, torch.float64, "torch", False)
     y.sum().backward()
     assert x.grad is None and a.grad is not None and bb.grad is not None
+
+
+def test_backward_fills_no_zero_gradients_for_s_and_seed():
+    """S and the seed are outputs without gradients: the backward must not materialise zeros for them
+    (on a GPU each would be a fill launch per layer)."""
+    x, w, b, a, bb = _operands((8,), 12, 10, 3, bias=False)
+    y, _, _ = lora_linear(x, w, b, a, bb, 1.0, 0.25, torch.float64, "torch", False)
+    assert zero_fills_in(lambda: y.backward(torch.randn_like(y))) == []
+    # only S used (y not): nothing flows back through the op, and nothing fails
+    x, w, b, a, bb = _operands((8,), 12, 10, 3, bias=False)
+    _, s_act, _ = lora_linear(x, w, b, a, bb, 1.0, 0.25, torch.float64, "torch", False)
+    (s_act.sum() + (a * 0).sum()).backward()
+    assert x.grad is None and bb.grad is None and torch.equal(a.grad, torch.zeros_like(a))
 
 
 def test_fresh_seed_per_call_and_saved_tensors_are_small():

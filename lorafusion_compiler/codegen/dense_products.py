@@ -41,8 +41,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    """S = x·Aᵀ: x [M, K], A [r, K] -> [M, r] in A's dtype."""
-    return _mm(x, lora_a.to(x.dtype).t()).to(lora_a.dtype)
+    """S = x·Aᵀ: x [M, K], A [r, K] -> [M, r] fp32."""
+    return _mm(x, lora_a.to(x.dtype).t())
 
 
 def ds_db(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor,

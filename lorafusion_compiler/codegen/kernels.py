@@ -70,8 +70,13 @@ def _prepare(kernel: str, **fields) -> tuple[object, str, int]:
     return load_kernel(kernel, spec), spec.key, spec.rank_bucket
 
 
-def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """S = dropout(x) Aᵀ: x [M,K], A [r,K] -> S [M,r] in A's dtype (the mask is never stored)."""
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, *,
+           deterministic: bool = False) -> torch.Tensor:
+    """S = dropout(x) Aᵀ: x [M,K], A [r,K] -> S [M,r] fp32 (the mask is never stored).
+
+    Always deterministic (K-split partial sums to fp32 slots summed in a fixed order); ``deterministic``
+    exists for the shared signature.
+    """
     _check("x", x, (None, None), x.device)
     m, k = x.shape
     _check("lora_a", lora_a, (None, k), x.device)
@@ -84,18 +89,14 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) 
     def launch(cfg: TileConfig) -> torch.Tensor:
         m_blocks, k_blocks = cdiv(m, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_K"])
         k_split = _split(k_blocks, m_blocks, dev, cfg)
-        if k_split == 1:
-            out = torch.empty(1, m, r, dtype=lora_a.dtype, device=dev)
-        else:
-            out = torch.empty(k_split, m, r, dtype=torch.float32, device=dev)
+        out = torch.empty(k_split, m, r, dtype=torch.float32, device=dev)
         _launch(kernel, (m_blocks, k_split),
                 (x, lora_a, out, seed, m, k, r, threshold, inv_keep, m * r, *x.stride(), *lora_a.stride(), r, 1),
                 cfg, BLOCK_R=rb, K_SPLIT=k_split)
         return out
 
     out = run_tuned("shrink", key, (m, k), rb, launch)
-    out = out[0] if out.shape[0] == 1 else out.sum(0)
-    return out if out.dtype == lora_a.dtype else out.to(lora_a.dtype)
+    return out[0] if out.shape[0] == 1 else out.sum(0)
 
 
 def _check_bits(keep_bits: torch.Tensor | None, m: int, k: int, p: float, device: torch.device) -> None:

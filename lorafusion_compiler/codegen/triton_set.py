@@ -14,11 +14,12 @@ from .multi import multi_backward, multi_forward
 __all__ = ["base_expand", "da", "ds_db", "dx", "multi_backward", "multi_forward", "shrink"]
 
 
-def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """``kernels.shrink``, a cuBLAS matmul where ``dense_products.applies``."""
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, *,
+           deterministic: bool = False) -> torch.Tensor:
+    """``kernels.shrink`` (deterministic either way), a cuBLAS matmul where ``dense_products.applies``."""
     if _dense.applies("shrink", activations=x, rank=lora_a.shape[0], p=p):
         return _dense.shrink(x, lora_a)
-    return _tl.shrink(x, lora_a, seed, p)
+    return _tl.shrink(x, lora_a, seed, p, deterministic=deterministic)
 
 
 def ds_db(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor, scale: float, *,

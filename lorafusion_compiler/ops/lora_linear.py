@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .dropout_mask import drop_threshold, new_keep_bits
 from .kernel_set import get_kernel_set
+from .reference import s_dtype
 from .side_stream import beside, side_stream
 
 __all__ = ["lora_linear", "lora_linear_backward", "check_lora_inputs"]
@@ -80,13 +81,14 @@ def lora_linear(
     deterministic: bool,
     overlap_backward: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """y = x Wᵀ + bias + scale·(dropout(x) Aᵀ) Bᵀ for x [..., K]; returns (y [..., N], S [M, r], seed []).
+    """y = x Wᵀ + bias + scale·(dropout(x) Aᵀ) Bᵀ for x [..., K]; returns (y [..., N], S [M, r] in
+    ``reference.s_dtype(A.dtype)``, seed []).
     ``overlap_backward`` is for the backward: on a GPU its dA runs beside dX on a second stream."""
     check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
     impl = get_kernel_set(kernels)
     x2 = x.reshape(-1, x.shape[-1])
     seed = _new_seed(x, dropout_p)
-    s_act = impl.shrink(x2, lora_a, seed, dropout_p)
+    s_act = impl.shrink(x2, lora_a, seed, dropout_p, deterministic=deterministic)
     y = impl.base_expand(x2, weight, bias, s_act, lora_b, scale, out_dtype)
     return y.reshape(*x.shape[:-1], lora_b.shape[0]), s_act, seed
 
@@ -96,7 +98,7 @@ def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, out_dtype, kernels, det
     check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
     m = x.numel() // x.shape[-1]
     y = x.new_empty(*x.shape[:-1], lora_b.shape[0], dtype=out_dtype)
-    return y, lora_a.new_empty(m, lora_a.shape[0]), x.new_empty((), dtype=torch.int64)
+    return y, lora_a.new_empty(m, lora_a.shape[0], dtype=s_dtype(lora_a.dtype)), x.new_empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("lorafusion::lora_linear_backward", mutates_args=())
@@ -144,6 +146,9 @@ def _setup_context(ctx, inputs, output) -> None:
     _y, s_act, seed = output
     ctx.save_for_backward(x, weight, lora_a, lora_b, s_act, seed)
     ctx.options = (scale, dropout_p, kernels, deterministic, overlap_backward)
+    # S and the seed never receive gradients: without this autograd would fill a zero tensor for each
+    # (two kernel launches per backward when the op runs eagerly)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, _ds_act, _dseed):
@@ -154,6 +159,8 @@ def _backward(ctx, dy, _ds_act, _dseed):
             "lorafusion.lora_linear treats the base weight and bias as frozen, but one of them requires grad; "
             "call weight.requires_grad_(False) (and bias) or leave this layer uncompiled"
         )
+    if dy is None:  # y was not used: every gradient is zero
+        return _pad_grads(ctx)
     needs_dx = ctx.needs_input_grad[0]
     d_x, d_a, d_b = lora_linear_backward(
         dy, x, weight, lora_a, lora_b, s_act, seed, scale, dropout_p, needs_dx, kernels, deterministic, overlap_backward

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .kernel_set import get_kernel_set
 from .lora_linear import _new_seed, check_lora_inputs, _pad_grads
+from .reference import s_dtype
 from .side_stream import beside, side_stream
 
 __all__ = ["lora_linear_shared", "lora_linear_shared_backward"]
@@ -64,7 +65,7 @@ def lora_linear_shared(
     _check_shared(x, weights, biases, lora_as, lora_bs, scales)
     impl = get_kernel_set(kernels)
     x2 = x.reshape(-1, x.shape[-1])
-    s_all = impl.shrink(x2, torch.cat(lora_as), _new_seed(x, 0.0), 0.0)
+    s_all = impl.shrink(x2, torch.cat(lora_as), _new_seed(x, 0.0), 0.0, deterministic=deterministic)
     s_sites = s_all.split([a.shape[0] for a in lora_as], dim=1)
     ys = [impl.base_expand(x2, w, b, s_i, lb, s, out_dtype).reshape(*x.shape[:-1], lb.shape[0])
           for w, b, s_i, lb, s in zip(weights, biases, s_sites, lora_bs, scales)]
@@ -75,7 +76,8 @@ def lora_linear_shared(
 def _(x, weights, biases, lora_as, lora_bs, scales, out_dtype, kernels, deterministic, overlap_backward=False):
     _check_shared(x, weights, biases, lora_as, lora_bs, scales)
     ys = [x.new_empty(*x.shape[:-1], lb.shape[0], dtype=out_dtype) for lb in lora_bs]
-    return ys, lora_as[0].new_empty(x.numel() // x.shape[-1], sum(a.shape[0] for a in lora_as))
+    return ys, lora_as[0].new_empty(x.numel() // x.shape[-1], sum(a.shape[0] for a in lora_as),
+                                    dtype=s_dtype(lora_as[0].dtype))
 
 
 @torch.library.custom_op("lorafusion::lora_linear_shared_backward", mutates_args=())

@@ -210,6 +210,7 @@ def _setup_context(ctx, inputs, output) -> None:
     _y, s_act, seeds = output
     ctx.save_for_backward(x, weight, adapter_rows, routing, s_act, seeds, *lora_a, *lora_b)
     ctx.options = (len(lora_a), scales, dropout_ps, kernels, deterministic)
+    ctx.set_materialize_grads(False)  # S and the seeds get no gradients: no zero fills for them
 
 
 def _backward(ctx, dy, _ds_act, _dseeds):
@@ -217,6 +218,8 @@ def _backward(ctx, dy, _ds_act, _dseeds):
     x, weight, adapter_rows, routing, s_act, seeds, *adapters = ctx.saved_tensors
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError("lorafusion.multi_lora_linear treats the base weight and bias as frozen, but one requires grad")
+    if dy is None:  # y was not used: every gradient is zero
+        return None, None, None, [None] * n, [None] * n, None, None, None, None, None, None, None
     needs_dx = ctx.needs_input_grad[0]
     d_x, d_a, d_b = multi_lora_linear_backward(
         dy, x, weight, adapters[:n], adapters[n:], s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx, kernels,

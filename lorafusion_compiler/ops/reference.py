@@ -6,7 +6,8 @@ A [r,K], B [N,r], scale s, dropout p with keep-mask m (``dropout_mask.keep_mask`
 x̃ = m ⊙ x / (1-p), S = x̃ Aᵀ [M,r].
 
 Dtypes follow eager PEFT: the adapter path runs in the adapter's dtype (``A.dtype``),
-the base path in x's dtype, and the sum is cast to ``out_dtype``.
+the base path in x's dtype, and the sum is cast to ``out_dtype``. S is handed on in ``s_dtype(A.dtype)``
+(float32 unless A is float64), the dtype the GPU kernels accumulate it in.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import torch.nn.functional as F
 
 from .dropout_mask import keep_mask, pack_keep_bits, unpack_keep_bits
 
-__all__ = ["dropped_input", "shrink", "base_expand", "ds_db", "da", "dx"]
+__all__ = ["dropped_input", "s_dtype", "shrink", "base_expand", "ds_db", "da", "dx"]
+
+
+def s_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
+    """dtype of S = x̃ Aᵀ as ``shrink`` returns it (and the op saves it): float32 for 16-bit and float32
+    adapters (the kernels' fp32 sums, stored without a cast), float64 for float64 ones."""
+    return torch.promote_types(adapter_dtype, torch.float32)
 
 
 def dropped_input(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dtype, *,
@@ -30,9 +37,13 @@ def dropped_input(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dt
     return xd * mask.to(dtype) * (1.0 / (1.0 - p))
 
 
-def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """S = dropout(x) Aᵀ: x [M,K], A [r,K] -> S [M,r] in A's dtype."""
-    return F.linear(dropped_input(x, seed, p, lora_a.dtype), lora_a)
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, *,
+           deterministic: bool = False) -> torch.Tensor:
+    """S = dropout(x) Aᵀ: x [M,K], A [r,K] -> S [M,r] in ``s_dtype(A.dtype)`` (computed in A's dtype).
+
+    torch code is always deterministic; ``deterministic`` (GPU sets: no atomics) exists for the shared signature.
+    """
+    return F.linear(dropped_input(x, seed, p, lora_a.dtype), lora_a).to(s_dtype(lora_a.dtype))
 
 
 def base_expand(
@@ -45,7 +56,7 @@ def base_expand(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """y = x Wᵀ + bias + s·S Bᵀ -> [M,N] in ``out_dtype``; without W only the LoRA term."""
-    delta = F.linear(s_act, lora_b) * scale
+    delta = F.linear(s_act.to(lora_b.dtype), lora_b) * scale
     if weight is None:
         return delta.to(out_dtype)
     return (F.linear(x, weight, bias) + delta).to(out_dtype)

@@ -57,7 +57,7 @@ def test_kernels_match_reference(case, dtype, device):
     bias_t = t["bias"] if weight else None
     f64 = {key: (v.double() if v is not None and v.is_floating_point() else v) for key, v in t.items()}
     s, s_ref = tk.shrink(t["x"], t["a"], t["seed"], p), ref.shrink(f64["x"], f64["a"], t["seed"], p)
-    assert s.dtype == t["a"].dtype and s.shape == (m, r)
+    assert s.dtype == torch.float32 and s.shape == (m, r)  # the fp32 sums, whatever the adapters' dtype
     y = tk.base_expand(t["x"], w, bias_t, s, t["b"], 2.5, dtype)
     y_ref = ref.base_expand(f64["x"], None if w is None else f64["w"], None if bias_t is None else f64["bias"],
                             s_ref, f64["b"], 2.5, torch.float64)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ADAPTERS, assert_rel_close, peft_with_adapters
+from helpers import ADAPTERS, assert_rel_close, peft_with_adapters, zero_fills_in
 from lorafusion_compiler.ops.multi_lora_linear import multi_lora_linear
 from lorafusion_compiler.ops import keep_mask
 from lorafusion_compiler.runtime import AdapterBatch, MultiAdapterModel
@@ -81,6 +81,20 @@ def test_op_matches_per_adapter_reference_with_dropout(p):
     for i, (gg, ww) in enumerate(zip(got, want)):
         assert_rel_close(gg, ww, 1e-12, f"grad {i}")
     assert got[2].abs().sum() == 0  # adapter 1 has no rows
+
+
+def test_op_backward_fills_no_zero_gradients_for_s_and_seeds():
+    batch = AdapterBatch.from_counts([5, 3], pad_multiple=4)
+    x = torch.randn(batch.total_rows, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64)
+    a = [torch.randn(2, 6, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    b = [torch.randn(4, 2, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    y, s_act, _ = multi_lora_linear(x, w, None, a, b, [1.0, 1.0], [0.2, 0.2], batch.adapter_rows, torch.float64,
+                                    "torch", False, None)
+    assert zero_fills_in(lambda: y.backward(torch.ones_like(y), retain_graph=True)) == []
+    x.grad = None
+    s_act.sum().backward()  # only S used (y not): nothing flows back through the op, and nothing fails
+    assert x.grad is None
 
 
 @pytest.mark.parametrize(

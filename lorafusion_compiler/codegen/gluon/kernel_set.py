@@ -73,13 +73,15 @@ def split_applies(x: torch.Tensor, low: torch.Tensor, *, rank_dim: int, determin
             and low.shape[rank_dim] in ROUTED_RANKS and _tma_rows(low))
 
 
-def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """``triton_set.shrink``, in Gluon where ``split_applies`` and no cuBLAS matmul does it (p = 0, r ≥ 32)."""
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, *,
+           deterministic: bool = False) -> torch.Tensor:
+    """``triton_set.shrink``, in Gluon where ``split_applies`` and no cuBLAS matmul does it (p = 0, r ≥ 32);
+    there, unless ``deterministic``, its partial sums meet in fp32 atomics."""
     if split_applies(x, lora_a, rank_dim=0) and not _dense.applies("shrink", activations=x, rank=lora_a.shape[0], p=p):
         from .split_kernels import shrink as gluon_shrink
 
-        return gluon_shrink(x, lora_a, seed, p)
-    return _tl.shrink(x, lora_a, seed, p)
+        return gluon_shrink(x, lora_a, seed, p, deterministic=deterministic)
+    return _tl.shrink(x, lora_a, seed, p, deterministic=deterministic)
 
 
 def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *,

@@ -15,8 +15,9 @@ other operand to bf16 into a second buffer and runs one async wgmma with the rin
 x̃'s operand:
 
     shrink  acc[BLOCK_M, r] += x̃ · Aᵀ     program (m, s): row block m, column tiles s, s + split, ...;
-            partial sums to slot s of an fp32 [split, M, r] workspace, summed in a fixed order
-            (deterministic, as the tl shrink);
+            fp32 atomics into a zeroed [M, r] output (one launch fewer than a separate sum), or with
+            ``deterministic`` partial sums to slot s of an fp32 [split, M, r] workspace, summed in a
+            fixed order (as the tl shrink);
     da      acc[BLOCK_K, r] += x̃ᵀ · dS    program (k, s): column block k, row tiles s, s + split, ...;
             fp32 atomics into a zeroed [r, K] output (the keep bits stored from the mask's registers).
 """
@@ -63,9 +64,11 @@ def _pick(flag, if_true, if_false):
 
 @gluon.jit
 def _consumer(x_bufs, o_bufs, ob, ready, empty, out_ptr, bits_ptr, seed_ptr, threshold, inv_keep, M, K, R,
-              fixed, first, stop, step, DA: gl.constexpr, DROPOUT: gl.constexpr, BITS: gl.constexpr):
+              fixed, first, stop, step, DA: gl.constexpr, DROPOUT: gl.constexpr, BITS: gl.constexpr,
+              ATOMIC: gl.constexpr):
     """One warpgroup over the ring: mask each x tile in place, round the other operand to bf16 into ``ob``,
-    one async wgmma per tile; then (DA) atomics into out [R, K] or (shrink) a store into out's slot."""
+    one async wgmma per tile; then (DA) atomics into out [R, K] or (shrink) atomics into out [M, R]
+    (``ATOMIC``) or a store into out's slot."""
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     ROWS: gl.constexpr = x_bufs.type.shape[1]
     COLS: gl.constexpr = x_bufs.type.shape[2]
@@ -115,17 +118,21 @@ def _consumer(x_bufs, o_bufs, ob, ready, empty, out_ptr, bits_ptr, seed_ptr, thr
         gl.atomic_add(out_ptr + jj * K + kk, acc, mask=(jj < R) & (kk < K), sem="relaxed")  # dA[j, k] += acc[k, j]
     else:
         mm = gl.expand_dims(fixed + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout)), 1)
-        slot_ptr = out_ptr + gl.program_id(1).to(gl.int64) * M * R  # this program's partial sum
-        gl.store(slot_ptr + mm.to(gl.int64) * R + jj, acc, mask=(mm < M) & (jj < R))
+        in_bounds = (mm < M) & (jj < R)
+        if ATOMIC:
+            gl.atomic_add(out_ptr + mm.to(gl.int64) * R + jj, acc, mask=in_bounds, sem="relaxed")
+        else:
+            slot_ptr = out_ptr + gl.program_id(1).to(gl.int64) * M * R  # this program's partial sum
+            gl.store(slot_ptr + mm.to(gl.int64) * R + jj, acc, mask=in_bounds)
 
 
 @gluon.jit
 def _split_kernel(x_desc, o_desc, out_ptr, bits_ptr, seed_ptr, threshold, inv_keep, M, K, R, SPLIT: gl.constexpr,
                   STAGES: gl.constexpr, DA: gl.constexpr, DROPOUT: gl.constexpr, BITS: gl.constexpr,
-                  LOADER_REGS: gl.constexpr):
+                  ATOMIC: gl.constexpr, LOADER_REGS: gl.constexpr):
     """shrink (DA=False) or dA (DA=True), see the module docstring: x_desc boxes [BLOCK_M, BLOCK_K] of x
     (bf16); o_desc boxes of A [RP, BLOCK_K] or dS [BLOCK_M, RP] (fp32 or bf16); out fp32 ([SPLIT, M, R]
-    slots, or [R, K] zeroed); bits uint8 [M, K/8] (BITS); seed int64 []."""
+    slots, or zeroed: [M, R] with ATOMIC, [R, K] for DA); bits uint8 [M, K/8] (BITS); seed int64 []."""
     ROWS: gl.constexpr = x_desc.block_type.shape[0]
     COLS: gl.constexpr = x_desc.block_type.shape[1]
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
@@ -144,7 +151,7 @@ def _split_kernel(x_desc, o_desc, out_ptr, bits_ptr, seed_ptr, threshold, inv_ke
     stop = gl.cdiv(M, ROWS) if DA else gl.cdiv(K, COLS)
     gl.warp_specialize([
         (_consumer, (x_bufs, o_bufs, ob, ready, empty, out_ptr, bits_ptr, seed_ptr, threshold, inv_keep, M, K, R,
-                     fixed, first, stop, SPLIT, DA, DROPOUT, BITS)),
+                     fixed, first, stop, SPLIT, DA, DROPOUT, BITS, ATOMIC)),
         (ring_loader, (x_desc, o_desc, x_bufs, o_bufs, ready, empty, fixed, first, stop, SPLIT, DA)),
     ], [1], [LOADER_REGS])
 
@@ -182,23 +189,28 @@ def _split(tiles: int, programs: int, num_sms: int | None, device: torch.device)
     return max(1, min(tiles, (_PER_SM * (num_sms or sm_count(device))) // max(1, programs)))
 
 
-def _args(x, other, box, out, bits, seed, p, r, split, da_mode: bool) -> tuple[tuple, dict]:
+def _args(x, other, box, out, bits, seed, p, r, split, da_mode: bool, atomic: bool) -> tuple[tuple, dict]:
     args = (_descriptor_of(x, [_BLOCK_M, _BLOCK_K]), _descriptor_of(other, box), out,
             bits if bits is not None else out, seed, dropout_mask.drop_threshold(p), 1.0 / (1.0 - p), x.shape[0],
             x.shape[1], r)
     return args, dict(SPLIT=split, STAGES=_STAGES, DA=da_mode, DROPOUT=p != 0.0, BITS=bits is not None,
-                      LOADER_REGS=_LOADER_REGS)
+                      ATOMIC=atomic, LOADER_REGS=_LOADER_REGS)
 
 
 def prepare_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, *,
-                   num_sms: int | None = None) -> Launch:
-    """Checks and launch arguments of ``shrink`` (host work only: with ``num_sms`` given it needs no GPU)."""
+                   deterministic: bool = False, num_sms: int | None = None) -> Launch:
+    """Checks and launch arguments of ``shrink`` (host work only: with ``num_sms`` given it needs no GPU).
+    The output is [1, M, r] (split 1, or atomics into zeros) or [split, M, r] partial sums (``deterministic``)."""
     r = _check(x, lora_a, "lora_a", "[r, K]", seed, p)
     m, k = x.shape
     m_blocks = cdiv(m, _BLOCK_M)
     split = _split(cdiv(k, _BLOCK_K), m_blocks, num_sms, x.device)
-    out = torch.empty(split, m, r, dtype=torch.float32, device=x.device)
-    args, constexprs = _args(x, lora_a, [max(16, r), _BLOCK_K], out, None, seed, p, r, split, False)
+    atomic = split > 1 and not deterministic
+    if atomic:
+        out = torch.zeros(1, m, r, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(split, m, r, dtype=torch.float32, device=x.device)
+    args, constexprs = _args(x, lora_a, [max(16, r), _BLOCK_K], out, None, seed, p, r, split, False, atomic)
     return (m_blocks, split), args, constexprs, out
 
 
@@ -211,7 +223,7 @@ def prepare_da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, 
     k_blocks = cdiv(k, _BLOCK_K)
     split = _split(cdiv(m, _BLOCK_M), k_blocks, num_sms, x.device)
     out = torch.zeros(r, k, dtype=torch.float32, device=x.device)
-    args, constexprs = _args(x, ds, [_BLOCK_M, max(16, r)], out, keep_bits, seed, p, r, split, True)
+    args, constexprs = _args(x, ds, [_BLOCK_M, max(16, r)], out, keep_bits, seed, p, r, split, True, False)
     return (k_blocks, split), args, constexprs, out
 
 
@@ -222,15 +234,15 @@ def _run(launch: Launch, nonempty: bool) -> torch.Tensor:
     return out
 
 
-def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """S = dropout(x) Aᵀ -> [M, r] in A's dtype: x [M, K] bf16, A [r, K] fp32 or bf16, r in ``SUPPORTED_RANKS``
-    (the mask is never stored)."""
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, *,
+           deterministic: bool = False) -> torch.Tensor:
+    """S = dropout(x) Aᵀ -> [M, r] fp32: x [M, K] bf16, A [r, K] fp32 or bf16, r in ``SUPPORTED_RANKS``
+    (the mask is never stored). The K-split partial sums are added with fp32 atomics (their order, and so
+    S's last bits, may vary between calls) or, ``deterministic``, summed in a fixed order."""
     m, k = x.shape
-    out = _run(prepare_shrink(x, lora_a, seed, p), m > 0 and k > 0)
+    out = _run(prepare_shrink(x, lora_a, seed, p, deterministic=deterministic), m > 0 and k > 0)
     s = out[0] if out.shape[0] == 1 else out.sum(0)
-    if k == 0:
-        s = s.zero_()
-    return s if s.dtype == lora_a.dtype else s.to(lora_a.dtype)
+    return s.zero_() if k == 0 else s
 
 
 def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *,
