@@ -35,6 +35,7 @@ than the ±1-3% spread between runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -42,6 +43,7 @@ import statistics
 import time
 
 import torch
+from profiling import profile_call
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -119,26 +121,6 @@ def make_step(model, embed, params, *, graphs: bool):
             p.grad = None
 
     return step
-
-
-def profile_step(step, ids, path: str, *, hot_steps: int = 0) -> None:
-    """Write the profiler's op table (sorted by host time, then by GPU time) and its Chrome trace
-    (``<path minus .txt>.trace.json``: every kernel in order, with its grid) for one step; with
-    ``hot_steps``, that many unprofiled steps run back to back first, so the profiled one meets the
-    clocks of a sustained run instead of an idle GPU's."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(hot_steps):
-        step(ids)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step(ids)
-        torch.cuda.synchronize()
-    prof.export_chrome_trace(path.removesuffix(".txt") + ".trace.json")
-    table = prof.key_averages()
-    with open(path, "w") as f:
-        f.write(table.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
-        f.write("\n")
-        f.write(table.table(sort_by="self_device_time_total", row_limit=100, max_name_column_width=90))
 
 
 def _kernels_of(variant: str) -> str:
@@ -236,8 +218,8 @@ def main() -> None:
     for p, variant, ms, gib, host, step in (interleaved if args.interleave else one_by_one)(runs, args):
         if args.profile_dir:
             os.makedirs(args.profile_dir, exist_ok=True)
-            profile_step(step, new_ids(args), os.path.join(args.profile_dir, f"profile-{variant.replace('+', '_')}-p{p}.txt"),
-                         hot_steps=args.profile_hot_steps)
+            profile_call(functools.partial(step, new_ids(args)), os.path.join(args.profile_dir, f"profile-{variant.replace('+', '_')}-p{p}.txt"),
+                         hot_calls=args.profile_hot_steps)
         floor_ms = ms if floor_ms is None else floor_ms  # floors come first
         row = dict(p=p, variant=variant, ms=ms, tokens_per_s=args.tokens / ms * 1e3, peak_gib=gib, floor_ratio=floor_ms / ms,
                    host_ms=host)

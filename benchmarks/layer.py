@@ -10,6 +10,8 @@ is the frozen ``F.linear(x, W)`` forward+backward (dX only). Everything bf16 (x,
 
     python benchmarks/layer.py                 # the full table of BENCHMARKS.md
     python benchmarks/layer.py --quick         # first shape only
+    python benchmarks/layer.py --quick --profile-dir /tmp/lp && python benchmarks/trace_summary.py --top 20 /tmp/lp/*.trace.json
+                                               # every kernel of each variant's graphed layer
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from cuda_graph import capture
+from profiling import profile_call
 from timing import burn_in, interleaved_ms
 
 from lorafusion_compiler.ops.lora_linear import lora_linear
@@ -104,9 +108,11 @@ def saved_bytes(fn: Callable, w, a, b, data) -> int:
 
 
 def run(shapes, ranks, ps, *, alpha: float = 32.0, fwd_only: bool = True, memory: bool = False,
-        sustained: bool = True, log=print):
+        sustained: bool = True, profile_dir: str | None = None, log=print):
     """Benchmark rows: dicts with shape, r, p and per-variant ms (fwd+bwd, fwd-only, graphed and,
-    with ``sustained``, graphed after a 1 s burn-in: keys ``<variant>_sus``)."""
+    with ``sustained``, graphed after a 1 s burn-in: keys ``<variant>_sus``). With ``profile_dir``,
+    one profiled replay of each variant's graph per row is written there (``profiling.profile_call``:
+    ``profile-layer-<M>x<K>x<N>-r<r>-p<p>-<variant>.trace.json``, read by ``trace_summary.py``)."""
     rows = []
     for (m, k, n) in shapes:
         for r in ranks:
@@ -131,6 +137,11 @@ def run(shapes, ranks, ps, *, alpha: float = 32.0, fwd_only: bool = True, memory
                     burn_in(seconds=1.0)
                     timed = interleaved_ms({name: g.replay for name, g in graphs.items()}, rounds=30, warmup=0)
                     row.update({name + "_sus": t for name, t in timed.items()})
+                if profile_dir:
+                    os.makedirs(profile_dir, exist_ok=True)
+                    for name, g in graphs.items():
+                        profile_call(g.replay, os.path.join(profile_dir, f"profile-layer-{m}x{k}x{n}-r{r}-p{p}-{name}.txt"),
+                                     hot_calls=5)
                 del graphs
                 log(_fmt(row))
                 rows.append(row)
@@ -184,12 +195,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="first shape only, r=16")
     parser.add_argument("--ranks", action="store_true", help="also r in {8, 64, 128} on the first shape, with memory")
+    parser.add_argument("--profile-dir", default=None,
+                        help="write one profiled graph replay (op table, Chrome trace) per variant and row here: every "
+                             "kernel of the layer with its GPU time (python trace_summary.py --top 20 DIR/*.trace.json)")
     args = parser.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64
     shapes = SHAPES[:1] if args.quick else SHAPES
-    rows = run(shapes, [16], [0.0, 0.1], memory=True)
+    rows = run(shapes, [16], [0.0, 0.1], memory=True, profile_dir=args.profile_dir)
     if args.ranks:
-        rows += run(SHAPES[:1], [8, 64, 128], [0.0, 0.1], memory=True)
+        rows += run(SHAPES[:1], [8, 64, 128], [0.0, 0.1], memory=True, profile_dir=args.profile_dir)
     print(summary(rows))
 
 
