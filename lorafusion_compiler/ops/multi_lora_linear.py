@@ -218,14 +218,15 @@ def _backward(ctx, dy, _ds_act, _dseeds):
     x, weight, adapter_rows, routing, s_act, seeds, *adapters = ctx.saved_tensors
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError("lorafusion.multi_lora_linear treats the base weight and bias as frozen, but one requires grad")
-    if dy is None:  # y was not used: every gradient is zero
-        return None, None, None, [None] * n, [None] * n, None, None, None, None, None, None, None
     needs_dx = ctx.needs_input_grad[0]
-    d_x, d_a, d_b = multi_lora_linear_backward(
-        dy, x, weight, adapters[:n], adapters[n:], s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx, kernels,
-        deterministic, routing,
-    )
-    d_a, d_b = unpack_grads(d_a, adapters[:n]), unpack_grads(d_b, adapters[n:])
+    if dy is None:  # y was not used: every gradient is zero
+        d_x, d_a, d_b = None, [None] * n, [None] * n
+    else:
+        d_x, d_a, d_b = multi_lora_linear_backward(
+            dy, x, weight, adapters[:n], adapters[n:], s_act, seeds, adapter_rows, scales, dropout_ps, needs_dx,
+            kernels, deterministic, routing,
+        )
+        d_a, d_b = unpack_grads(d_a, adapters[:n]), unpack_grads(d_b, adapters[n:])
     return (d_x if needs_dx else None), None, None, d_a, d_b, None, None, None, None, None, None, None
 
 
