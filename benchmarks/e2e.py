@@ -16,6 +16,9 @@ Variants, timed in this one process on the same shapes:
              warp-specialised Gluon on Hopper ("auto" picks them for bf16 with cudagraphs on Hopper)
   ours+triton, ours+triton+cg  ours (+cg) with options={"kernels": "triton"}: the Triton kernels
              only (what "auto" picks without graphs, and picked with them before session 14)
+  ours+cast+cg  ours+cg with the fp32 adapters' B and A cast to bf16 before each Gluon GEMM, as before
+             session 19 (``lora_gemm.R_FP32_MAX_RANK = 0`` while the step records its graphs): the
+             A/B of the GEMMs rounding them themselves
 
 Each step: fresh random tokens, forward, loss, backward, gradients set to None (as
 ``zero_grad()`` does; no optimizer: its cost is the same for all LoRA variants and zero for the
@@ -145,7 +148,23 @@ def build_step(p: float | None, variant: str, layers: int):
                        "overlap_backward": "+ovl" in variant, "kernels": _kernels_of(variant)}
             model = torch.compile(model, backend="lorafusion", options=options)
     params = [q for q in model.parameters() if q.requires_grad]
-    return make_step(model, embed, params, graphs=graphs)
+    step = make_step(model, embed, params, graphs=graphs)
+    return _casting_low_rank_operands(step) if "+cast" in variant else step
+
+
+def _casting_low_rank_operands(step):
+    """``step`` with fp32 B and A cast to bf16 before every Gluon GEMM it launches (or records into its
+    CUDA graphs; replays keep what was recorded)."""
+    from lorafusion_compiler.codegen.gluon import lora_gemm
+
+    def cast_step(ids):
+        saved, lora_gemm.R_FP32_MAX_RANK = lora_gemm.R_FP32_MAX_RANK, 0
+        try:
+            step(ids)
+        finally:
+            lora_gemm.R_FP32_MAX_RANK = saved
+
+    return cast_step
 
 
 def new_ids(args) -> torch.Tensor:

@@ -53,3 +53,23 @@ def test_interleave_builds_all_then_times_round_robin(monkeypatch, capsys):
     for r in rows[1:]:
         assert r["floor_ratio"] == rows[0]["ms"] / r["ms"]
     assert all(2.0 <= r["host_ms"] <= r["ms"] for r in rows)  # the step's host time, within its wall time
+
+
+def test_cast_variant_records_its_steps_with_the_gemms_casting_fp32_operands(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import e2e
+    from lorafusion_compiler.codegen.gluon import lora_gemm
+
+    seen = []
+    monkeypatch.setattr(e2e, "make_step", lambda *a, **k: lambda ids: seen.append(lora_gemm.R_FP32_MAX_RANK))
+    class Base(torch.nn.Linear):
+        def get_input_embeddings(self):
+            return self
+    monkeypatch.setattr(e2e, "build_base", lambda layers: Base(4, 4))
+    monkeypatch.setattr(e2e, "with_lora", lambda model, **k: model)
+    monkeypatch.setattr(torch, "compile", lambda model, **k: model)
+    default = lora_gemm.R_FP32_MAX_RANK
+    assert default > 0
+    e2e.build_step(0.1, "ours+cast+cg", 1)(None)
+    e2e.build_step(0.1, "ours+cg", 1)(None)
+    assert seen == [0, default] and lora_gemm.R_FP32_MAX_RANK == default

@@ -84,17 +84,43 @@ def test_an_fp32_low_rank_operand_is_rounded_in_the_kernel_where_that_costs_no_r
     assert args[2].base.dtype == (torch.float32 if in_kernel else BF)  # the S / dS descriptor's tensor
 
 
-def test_the_set_hands_an_fp32_s_to_lora_gemm_and_rounds_b(monkeypatch):
+def test_the_set_hands_fp32_adapters_to_lora_gemm_uncast(monkeypatch):
     monkeypatch.setattr(gks, "_hopper", lambda t: True)
     seen = {}
 
     def fake_base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype):
         seen.update(s=s_act.dtype, b=lora_b.dtype)
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    def fake_dx(dy, weight, ds, lora_a, p, out_dtype, *, keep_bits=None):
+        seen.update(ds=ds.dtype, a=lora_a.dtype)
+        return dy.new_empty(dy.shape[0], weight.shape[1])
     monkeypatch.setattr(lora_gemm, "base_expand", fake_base_expand)
+    monkeypatch.setattr(lora_gemm, "dx", fake_dx)
     t = operands(64, 32, 48, 16, device="cpu", adapter_dtype=torch.float32)
     gks.base_expand(t["x"], t["w"], None, t["s"], t["b"], 2.0, BF)
-    assert seen == {"s": torch.float32, "b": BF}
+    gks.dx(t["dy"], t["w"], t["ds"], t["a"], t["seed"], 0.0, BF)
+    assert seen == {"s": torch.float32, "b": torch.float32, "ds": torch.float32, "a": torch.float32}
+
+
+@pytest.mark.parametrize("r, b_kmajor, transposed, in_kernel", [(8, True, False, True), (32, True, False, True),
+                                                               (32, False, False, True), (64, True, False, False),
+                                                               (64, False, False, False), (16, True, True, False)])
+def test_an_fp32_right_operand_is_rounded_in_the_kernel_up_to_rank_32(r, b_kmajor, transposed, in_kernel):
+    n = 128
+    right = torch.randn(n, r) if b_kmajor else torch.randn(r, n)
+    if transposed:  # the same values, column-major
+        right = right.t().contiguous().t()
+    _, args, constexprs, _ = lora_gemm._launch_args(
+        torch.empty(256, 64, dtype=BF), torch.empty(n, 64, dtype=BF) if b_kmajor else torch.empty(64, n, dtype=BF),
+        torch.randn(256, r), right, b_kmajor, torch.empty(256, n, dtype=BF), None, None, 1.0, 256, n, 64, num_sms=132)
+    assert constexprs["R_FP32"] is in_kernel
+    r_tensor, stride_r, rank = args[9:12]
+    assert rank == r and stride_r == r_tensor.stride(0) and r_tensor.stride(1) == 1
+    if in_kernel:
+        assert r_tensor is right and args[3] is args[2]  # the R descriptor is a placeholder (the S one)
+    else:
+        assert r_tensor.dtype == BF and torch.equal(r_tensor, right.to(BF)) and args[3].base is r_tensor
 
 
 def test_gluon_dx_needs_keep_bits_exactly_when_p_is_positive(monkeypatch):
@@ -172,12 +198,19 @@ def test_gluon_gemms_match_float64_and_the_triton_kernels_bitwise(m, k, n, r, p)
 
 
 @needs_hopper
-@pytest.mark.parametrize("r", [8, 64])
-def test_base_expand_rounds_an_fp32_s_as_a_cast_would(r):
-    t = operands(520, 1024, 776, r, device="cuda", adapter_dtype=torch.float32, seed=r)
-    b = t["b"].to(BF)
-    y = lora_gemm.base_expand(t["x"], t["w"], t["bias"], t["s"], b, 2.0, BF)
-    assert torch.equal(y, lora_gemm.base_expand(t["x"], t["w"], t["bias"], t["s"].to(BF), b, 2.0, BF))
+@pytest.mark.parametrize("r", [8, 32, 64])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fp32_low_rank_operands_are_rounded_as_a_cast_would(r, p):
+    """S/dS and B/A in fp32 (rounded in the kernel where that is free, else cast first) give the bf16 results
+    bitwise; odd N and K exercise the masked edges of the in-kernel rounding of B and A."""
+    t = operands(520, 1032, 776, r, device="cuda", adapter_dtype=torch.float32, seed=r)
+    bits = new_keep_bits(t["x"], p, r) if p else None
+    if bits is not None:
+        tk.da(t["x"], t["ds"], t["seed"], p, torch.float32, keep_bits=bits)
+    y = lora_gemm.base_expand(t["x"], t["w"], t["bias"], t["s"], t["b"], 2.0, BF)
+    assert torch.equal(y, lora_gemm.base_expand(t["x"], t["w"], t["bias"], t["s"].to(BF), t["b"].to(BF), 2.0, BF))
+    dx = lora_gemm.dx(t["dy"], t["w"], t["ds"], t["a"], p, BF, keep_bits=bits)
+    assert torch.equal(dx, lora_gemm.dx(t["dy"], t["w"], t["ds"].to(BF), t["a"].to(BF), p, BF, keep_bits=bits))
 
 
 @needs_hopper

@@ -295,9 +295,10 @@ def test_multi_launchers_import_in_either_order():
 
 
 @pytest.mark.parametrize("kernels", ["triton", "gluon"])
-def test_compiled_model_builds_routing_once_and_matches_eager(kernels):
+def test_compiled_model_builds_routing_once_and_matches_eager(kernels, device):
     """backend kernels="triton" or "gluon" (whose multi-adapter launchers are Triton's): every
-    multi-adapter site reads one shared multi_routing node."""
+    multi-adapter site reads one shared multi_routing node. On a GPU the models run there (the
+    Triton launchers cannot read CPU tensors outside the interpreter)."""
     import torch.nn.functional as F
 
     from lorafusion_compiler.backend import lorafusion_backend
@@ -312,9 +313,9 @@ def test_compiled_model_builds_routing_once_and_matches_eager(kernels):
         return compiled
 
     names = ["a", "b", "c"]
-    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(3))
-    batch = AdapterBatch.from_sequence_adapters([0, 1, 2], seq_len=16, num_adapters=3)
-    eager, fused = MultiAdapterModel(peft_with_adapters(names)), MultiAdapterModel(peft_with_adapters(names))
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(3)).to(device)
+    batch = AdapterBatch.from_sequence_adapters([0, 1, 2], seq_len=16, num_adapters=3, device=device)
+    eager, fused = (MultiAdapterModel(peft_with_adapters(names)).to(device) for _ in range(2))
     losses = []
     for model in (eager, torch.compile(fused, backend=backend)):
         logits = model(batch, input_ids=ids).logits

@@ -3,7 +3,9 @@ dialect: TMA, mbarriers, async wgmma and warp-specialised partitions that the ``
 cannot express on Hopper (``docs/gemm-rewrite-plan.md``).
 
 * ``ws_gemm``: a persistent warp-specialised GEMM (``gemm``), at cuBLAS speed on an H200;
-* ``lora_gemm``: the fused ``base_expand`` and ``dx`` built on it;
+* ``lora_gemm``: the fused ``base_expand`` and ``dx`` built on it (``low_rank_tiles``: the device
+  pieces of their low-rank prologue);
+* ``split_kernels``: shrink and dA with the dropout mask (``masked_tiles``: the mask and the TMA ring);
 * ``kernel_set``: the ``"gluon"`` kernel set (those two where they apply, the Triton kernels
   elsewhere); ``kernels="auto"`` picks it for bf16 with CUDA graphs on Hopper
   (``backend.kernel_set_for``).

@@ -31,13 +31,14 @@ def _hopper(t: torch.Tensor) -> bool:
 
 
 _ADAPTER_DTYPES = (torch.bfloat16, torch.float32)
-"""Low-rank operands may be fp32 (PEFT's default adapters): they are rounded to bf16 before the
-kernel, as the Triton kernels round them before their dots (bitwise the same products)."""
+"""Low-rank operands may be fp32 (PEFT's default adapters): they are rounded to bf16 as the Triton
+kernels round them before their dots (bitwise the same products), in the Gluon kernels themselves
+(``lora_gemm._right_operand``, ``fp32_low_is_free``) or by a cast before the launch."""
 
 
 def _tma_ok(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
     """2-D, of one of ``dtypes``, both sizes multiples of 8; a bf16 one row-major with 16-byte aligned
-    rows (what the TMA descriptors need; an fp32 one becomes a contiguous bf16 copy)."""
+    rows (what the TMA descriptors need; an fp32 one the kernel reads itself, ``lora_gemm._right_operand``)."""
     if t.dtype not in dtypes or t.dim() != 2 or t.shape[0] % 8 or t.shape[1] % 8:
         return False
     return t.dtype != torch.bfloat16 or _tma_rows(t)
@@ -103,7 +104,7 @@ def base_expand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
 
         # an fp32 S (shrink's, PEFT's fp32 adapters) is rounded by lora_gemm, in the kernel where that is free
         s_in = s_act if _tma_rows(s_act) else s_act.to(torch.bfloat16)
-        return gluon_base_expand(x, weight, bias, s_in, lora_b.to(torch.bfloat16), scale, out_dtype)
+        return gluon_base_expand(x, weight, bias, s_in, lora_b, scale, out_dtype)
     return _tl.base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype)
 
 
@@ -113,6 +114,6 @@ def dx(dy: torch.Tensor, weight: torch.Tensor | None, ds: torch.Tensor, lora_a: 
     if gluon_applies("dx", a=dy, weight=weight, low=ds, right=lora_a, out_dtype=out_dtype, p=p, keep_bits=keep_bits):
         from .lora_gemm import dx as gluon_dx
 
-        return gluon_dx(dy, weight, ds, lora_a.to(torch.bfloat16), p, out_dtype, keep_bits=keep_bits)
+        return gluon_dx(dy, weight, ds, lora_a, p, out_dtype, keep_bits=keep_bits)
     return _tl.dx(dy, weight, ds, lora_a, seed, p, out_dtype, keep_bits=keep_bits)
 

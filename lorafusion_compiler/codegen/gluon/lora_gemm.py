@@ -10,12 +10,14 @@ then + bias, cast to bf16, TMA store. Built on ``ws_gemm`` (tile walk, accumulat
 
 * a 1-warp loader: the main operands into the ring as in ``ws_gemm``, and per tile the low-rank
   operands into one of two slots (S or dS [BM, r]; B [BN, r] or A [r, BN]; for dX with keep bits,
-  the bits as int32 words [BM, BN/32] when K % 128 == 0), one tile ahead;
+  the bits as int32 words [BM, BN/32] when K % 128 == 0), one tile ahead. An fp32 B or A (PEFT's
+  adapters) the consuming warpgroup rounds into its slot itself (``store_r``), so no cast kernel
+  runs before the launch;
 * two consumer warpgroups on alternate tiles (ping-pong): one's low-rank prologue and epilogue
   overlap the other's main loop.
 
 The keep mask needs no layout conversion: with the accumulator layout re-indexed as (word, byte,
-bit) of the keep bits (``_bits_layout4``), each thread loads exactly the words of its own
+bit) of the keep bits (``bits_layout4``), each thread loads exactly the words of its own
 elements, and ``convert_layout(..., assert_trivial=True)`` proves at trace time that nothing
 moves between threads. Ranks 8, 16, 32, 64: the low-rank boxes are max(r, 16) wide and TMA
 zero-fills beyond r. Measured: ``docs/kernel-notes/fused-gemms.md``, "The fused LoRA GEMMs in Gluon".
@@ -40,39 +42,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from ..autotune import num_sms as sm_count
 from ..kernels import _check_bits, _tma_rows
 from ..launch import launch as launch_kernel
-from .ws_gemm import _OPTIONS, _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _tile_offsets
+from .low_rank_tiles import bits_layout4, keep_mask, store_r
+from .ws_gemm import (_OPTIONS, _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _pick,
+                      _tile_offsets)
 
-__all__ = ["MIN_DX_STAGES", "SUPPORTED_RANKS", "base_expand", "bias_ok", "deep_ring", "dx", "fp32_low_is_free",
-           "prepare_base_expand", "prepare_dx"]
+__all__ = ["MIN_DX_STAGES", "R_FP32_MAX_RANK", "SUPPORTED_RANKS", "base_expand", "bias_ok", "deep_ring", "dx",
+           "fp32_low_is_free", "prepare_base_expand", "prepare_dx"]
 
 SUPPORTED_RANKS = (8, 16, 32, 64)
 """Ranks the kernels take (the low-rank wgmma's K is max(r, 16); larger ranks use the ``tl`` kernels)."""
-
-
-@gluon.constexpr_function
-def _bits_layout4(rows, cols):
-    """The wgmma accumulator layout of a [rows, cols] tile (`ws_gemm._acc_layout(rows, cols)`, whose
-    instruction N is `cols`) re-indexed as [rows, cols // 32, 4, 8]: column
-    c = 32*w + 8*b + e -> (w, b, e), i.e. (32-bit word of keep bits, byte in the word, bit in the byte).
-    Linear-layout bases of the accumulator (printed with gl.to_linear_layout for 128x128):
-        reg  [0,1] [8,0] [0,8] [0,16] .. [0,cols/2] [16*num_warps,0] ..
-        lane [0,2] [0,4] [1,0] [2,0] [4,0]       warp [16,0] [32,0] ..
-    SliceLayout(2, SliceLayout(3, this)) is then the layout of the keep-bit words [rows, cols/32] whose
-    bits the thread's own accumulator elements need (and SliceLayout(3, this) that of the bytes)."""
-    num_warps = 4
-    assert cols % 32 == 0 and cols <= 256 and rows % 64 == 0
-    reg = [[0, 0, 0, 1], [8, 0, 0, 0], [0, 0, 1, 0], [0, 0, 2, 0]]
-    c = 32
-    while c < cols:
-        reg.append([0, c // 32, 0, 0])
-        c *= 2
-    r = 16 * num_warps
-    while r < rows:
-        reg.append([r, 0, 0, 0])
-        r *= 2
-    lane = [[0, 0, 0, 2], [0, 0, 0, 4], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]]
-    warp = [[16, 0, 0, 0], [32, 0, 0, 0]]
-    return gl.DistributedLinearLayout(reg, lane, warp, [], [rows, cols // 32, 4, 8])
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,47 +59,25 @@ def _bits_layout4(rows, cols):
 
 
 @gluon.jit
-def _keep_mask(bits, acc_layout: gl.constexpr, L4: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr,
-               WORDS: gl.constexpr):
-    """Keep bits of a [ROWS, COLS] tile -> boolean keep mask [ROWS, COLS] in acc_layout, no data movement.
-    WORDS: `bits` is int32 [ROWS, COLS/32] in SliceLayout(2, SliceLayout(3, L4)) (little-endian: byte b of
-    word w = byte 4w + b); else uint8 [ROWS, COLS/32, 4] in SliceLayout(3, L4).
-    Bit i of byte (m, q) = keep of column 8q + i (dropout_mask.pack_keep_bits)."""
-    e = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, L4))))
-    e4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(e, 0), 0), 0)  # [1, 1, 1, 8]
-    if WORDS:
-        b = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(3, L4))))
-        b4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(b, 0), 0), 3)  # [1, 1, 4, 1]
-        w4 = gl.expand_dims(gl.expand_dims(bits, 2), 3)  # [ROWS, COLS/32, 1, 1]
-        # per thread only 8 distinct masks (its 2 bit positions x 4 bytes), computed once
-        keep4 = (w4 & (gl.full([1, 1, 4, 8], 1, gl.int32, L4) << (b4 * 8 + e4))) != 0
-    else:
-        by4 = gl.expand_dims(bits.to(gl.int32), 3)  # [ROWS, COLS/32, 4, 1]
-        keep4 = (by4 & (gl.full([1, 1, 1, 8], 1, gl.int32, L4) << e4)) != 0
-    keep = gl.reshape(keep4, [ROWS, COLS])
-    # The reshape of L4 is the accumulator layout itself (checked while tracing).
-    return gl.convert_layout(keep, acc_layout, assert_trivial=True)
-
-
-@gluon.jit
 def _lr_issue(l_desc, r_desc, bits_desc, lr_l, lr_r, lr_bits, lr_ready, lr_empty, t, tile_id, num_pid_m, num_pid_n,
-              B_KMAJOR: gl.constexpr, BITS_TMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              GROUP_M: gl.constexpr):
+              B_KMAJOR: gl.constexpr, BITS_TMA: gl.constexpr, R_FP32: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
     # Low-rank operands of the program's t-th tile into LR slot t % 2 (a 2-deep ring: use u = t // 2 of a
-    # slot waits for the release of use u - 1; fresh barriers pass parity 1 at once).
+    # slot waits for the release of use u - 1; fresh barriers pass parity 1 at once). An fp32 R is not
+    # loaded here: the consumer rounds it into its slot itself (``store_r``).
     off_m, off_n = _tile_offsets(tile_id, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
     slot = t % 2
     mbarrier.wait(lr_empty.index(slot), ((t // 2) & 1) ^ 1)
     bar = lr_ready.index(slot)
-    if BITS_TMA:
-        mbarrier.expect(bar, l_desc.block_type.nbytes + r_desc.block_type.nbytes + bits_desc.block_type.nbytes)
-    else:
-        mbarrier.expect(bar, l_desc.block_type.nbytes + r_desc.block_type.nbytes)
+    nbytes: gl.constexpr = l_desc.block_type.nbytes + _pick(R_FP32, 0, r_desc.block_type.nbytes) + \
+        _pick(BITS_TMA, bits_desc.block_type.nbytes, 0)
+    mbarrier.expect(bar, nbytes)
     tma.async_copy_global_to_shared(l_desc, [off_m, 0], bar, lr_l.index(slot))
-    if B_KMAJOR:
-        tma.async_copy_global_to_shared(r_desc, [off_n, 0], bar, lr_r.index(slot))
-    else:
-        tma.async_copy_global_to_shared(r_desc, [0, off_n], bar, lr_r.index(slot))
+    if not R_FP32:
+        if B_KMAJOR:
+            tma.async_copy_global_to_shared(r_desc, [off_n, 0], bar, lr_r.index(slot))
+        else:
+            tma.async_copy_global_to_shared(r_desc, [0, off_n], bar, lr_r.index(slot))
     if BITS_TMA:
         # keep bits as int32 words [M, K/32]: 32 output columns per word
         gl.static_assert(bits_desc.block_type.shape[1] * 32 == BLOCK_N)
@@ -130,8 +86,8 @@ def _lr_issue(l_desc, r_desc, bits_desc, lr_l, lr_r, lr_bits, lr_ready, lr_empty
 
 @gluon.jit
 def _lora_loader(a_desc, b_desc, l_desc, r_desc, bits_desc, a_bufs, b_bufs, ready, empty, lr_l, lr_r, lr_bits,
-                 lr_ready, lr_empty, M, N, K, B_KMAJOR: gl.constexpr, BITS_TMA: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+                 lr_ready, lr_empty, M, N, K, B_KMAJOR: gl.constexpr, BITS_TMA: gl.constexpr, R_FP32: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
     # TMA producer (1 warp): per tile t, first the LR operands of tile t + 1, then the ring loads of tile t
     # (the ring protocol is ws_gemm._loader's). LR(0) goes before the loop.
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -144,13 +100,13 @@ def _lora_loader(a_desc, b_desc, l_desc, r_desc, bits_desc, a_bufs, b_bufs, read
     k_tiles = gl.cdiv(K, BLOCK_K)
     if pid < num_tiles:
         _lr_issue(l_desc, r_desc, bits_desc, lr_l, lr_r, lr_bits, lr_ready, lr_empty, 0, pid, num_pid_m, num_pid_n,
-                  B_KMAJOR, BITS_TMA, BLOCK_M, BLOCK_N, GROUP_M)
+                  B_KMAJOR, BITS_TMA, R_FP32, BLOCK_M, BLOCK_N, GROUP_M)
     it = 0
     t = 0
     for tile_id in range(pid, num_tiles, nprog):
         if tile_id + nprog < num_tiles:
             _lr_issue(l_desc, r_desc, bits_desc, lr_l, lr_r, lr_bits, lr_ready, lr_empty, t + 1, tile_id + nprog,
-                      num_pid_m, num_pid_n, B_KMAJOR, BITS_TMA, BLOCK_M, BLOCK_N, GROUP_M)
+                      num_pid_m, num_pid_n, B_KMAJOR, BITS_TMA, R_FP32, BLOCK_M, BLOCK_N, GROUP_M)
         off_m, off_n = _tile_offsets(tile_id, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
         for kk in range(k_tiles):
             s = it % NUM_STAGES
@@ -167,15 +123,15 @@ def _lora_loader(a_desc, b_desc, l_desc, r_desc, bits_desc, a_bufs, b_bufs, read
 
 @gluon.jit
 def _lora_consumer(a_bufs, b_bufs, ready, empty, order, lr_l, lr_r, lr_bits, lr_ready, lr_empty, c_desc, c_bufs,
-                   bias_ptr, bits_ptr, stride_bits, lscale, M, N, K, WG: gl.constexpr, B_KMAJOR: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, HAS_BITS: gl.constexpr, BITS_TMA: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+                   bias_ptr, bits_ptr, stride_bits, r_ptr, stride_r, R, lscale, M, N, K, WG: gl.constexpr,
+                   B_KMAJOR: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_BITS: gl.constexpr, BITS_TMA: gl.constexpr,
+                   R_FP32: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
     """One consumer warpgroup (WG 0 or 1) on every other tile: low-rank prologue, main loop, epilogue."""
     BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
     NUM_STAGES: gl.constexpr = a_bufs.type.shape[0]
     ROWS: gl.constexpr = BLOCK_M
     acc_layout: gl.constexpr = _acc_layout(ROWS, BLOCK_N)
-    L4: gl.constexpr = _bits_layout4(ROWS, BLOCK_N)
+    L4: gl.constexpr = bits_layout4(ROWS, BLOCK_N)
     words_layout: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))  # int32 [ROWS, BLOCK_N/32] (TMA path)
     bytes_layout: gl.constexpr = gl.SliceLayout(3, L4)  # uint8 [ROWS, BLOCK_N/32, 4] (global path)
     # dS arrives as fp32: read it into the wgmma A-operand register layout and round to bf16 there
@@ -209,10 +165,12 @@ def _lora_consumer(a_bufs, b_bufs, ready, empty, order, lr_l, lr_r, lr_bits, lr_
             bias = gl.load(bias_ptr + offs_n, mask=(offs_n // 8) * 8 < N, other=0.0)
 
         # ---- low-rank prologue: acc = L . R (one wgmma, use_acc=False), then scale / mask -------------
-        slot = t % 2
+        slot = t % 2  # == WG: a warpgroup's tiles always use its own slot
+        r_op = lr_r.index(slot)
+        if R_FP32:
+            store_r(r_ptr, stride_r, r_op, off_n, N, R, B_KMAJOR)  # the slot's last wgmma was waited for
         mbarrier.wait(lr_ready.index(slot), (t // 2) & 1)
         l_s = lr_l.index(slot)
-        r_op = lr_r.index(slot)
         if B_KMAJOR:
             r_op = r_op.permute((1, 0))
         if L_IN_REGS:
@@ -244,7 +202,7 @@ def _lora_consumer(a_bufs, b_bufs, ready, empty, order, lr_l, lr_r, lr_bits, lr_
             gl.thread_barrier()
         mbarrier.arrive(lr_empty.index(slot))
         if HAS_BITS:
-            acc = gl.where(_keep_mask(bits, acc_layout, L4, ROWS, BLOCK_N, BITS_TMA), acc * lscale, 0.0)
+            acc = gl.where(keep_mask(bits, acc_layout, L4, ROWS, BLOCK_N, BITS_TMA), acc * lscale, 0.0)
         else:
             acc = acc * lscale
 
@@ -277,10 +235,11 @@ def _lora_consumer(a_bufs, b_bufs, ready, empty, order, lr_l, lr_r, lr_bits, lr_
 
 
 @gluon.jit
-def _lora_gemm_kernel(a_desc, b_desc, l_desc, r_desc, bits_desc, c_desc, bias_ptr, bits_ptr, stride_bits, lscale, M,
-                      N, K, B_KMAJOR: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_BITS: gl.constexpr,
-                      BITS_TMA: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
-                      CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+def _lora_gemm_kernel(a_desc, b_desc, l_desc, r_desc, bits_desc, c_desc, bias_ptr, bits_ptr, stride_bits, r_ptr,
+                      stride_r, R, lscale, M, N, K, B_KMAJOR: gl.constexpr, HAS_BIAS: gl.constexpr,
+                      HAS_BITS: gl.constexpr, BITS_TMA: gl.constexpr, R_FP32: gl.constexpr, BLOCK_N: gl.constexpr,
+                      GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                      LOADER_REGS: gl.constexpr):
     """C[M,N] = A[M,K]·B (+ bias[N]) + lscale·(mask ⊙ L[M,r]·R) in one persistent warp-specialised kernel.
     base_expand: A = x, B = W [N,K] (B_KMAJOR), L = S, R = B[N,r] (K-major view), no bits.
     dx: A = dY, B = W as [N(reduction), K(out)], L = dS (fp32), R = A [r, K] (MN-major), keep bits optional."""
@@ -290,7 +249,13 @@ def _lora_gemm_kernel(a_desc, b_desc, l_desc, r_desc, bits_desc, c_desc, bias_pt
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
     lr_l = gl.allocate_shared_memory(l_desc.dtype, [2] + l_desc.block_type.shape, l_desc.layout)
-    lr_r = gl.allocate_shared_memory(r_desc.dtype, [2] + r_desc.block_type.shape, r_desc.layout)
+    RP: gl.constexpr = l_desc.block_type.shape[1]
+    if R_FP32:  # bf16 slots the consumers fill themselves (r_desc is a placeholder)
+        R_BOX: gl.constexpr = _pick(B_KMAJOR, [BLOCK_N, RP], [RP, BLOCK_N])
+        lr_r = gl.allocate_shared_memory(gl.bfloat16, [2] + R_BOX,
+                                         gl.NVMMASharedLayout.get_default_for(R_BOX, gl.bfloat16))
+    else:
+        lr_r = gl.allocate_shared_memory(r_desc.dtype, [2] + r_desc.block_type.shape, r_desc.layout)
     if BITS_TMA:
         lr_bits = gl.allocate_shared_memory(bits_desc.dtype, [2] + bits_desc.block_type.shape, bits_desc.layout)
     else:
@@ -312,13 +277,13 @@ def _lora_gemm_kernel(a_desc, b_desc, l_desc, r_desc, bits_desc, c_desc, bias_pt
 
     gl.warp_specialize([
         (_lora_consumer, (a_bufs, b_bufs, ready, empty, order, lr_l, lr_r, lr_bits, lr_ready, lr_empty, c_desc, c_bufs,
-                          bias_ptr, bits_ptr, stride_bits, lscale, M, N, K, 0, B_KMAJOR, HAS_BIAS, HAS_BITS, BITS_TMA,
-                          BLOCK_M, BLOCK_N, GROUP_M)),
+                          bias_ptr, bits_ptr, stride_bits, r_ptr, stride_r, R, lscale, M, N, K, 0, B_KMAJOR, HAS_BIAS,
+                          HAS_BITS, BITS_TMA, R_FP32, BLOCK_M, BLOCK_N, GROUP_M)),
         (_lora_consumer, (a_bufs, b_bufs, ready, empty, order, lr_l, lr_r, lr_bits, lr_ready, lr_empty, c_desc, c_bufs,
-                          bias_ptr, bits_ptr, stride_bits, lscale, M, N, K, 1, B_KMAJOR, HAS_BIAS, HAS_BITS, BITS_TMA,
-                          BLOCK_M, BLOCK_N, GROUP_M)),
+                          bias_ptr, bits_ptr, stride_bits, r_ptr, stride_r, R, lscale, M, N, K, 1, B_KMAJOR, HAS_BIAS,
+                          HAS_BITS, BITS_TMA, R_FP32, BLOCK_M, BLOCK_N, GROUP_M)),
         (_lora_loader, (a_desc, b_desc, l_desc, r_desc, bits_desc, a_bufs, b_bufs, ready, empty, lr_l, lr_r, lr_bits,
-                        lr_ready, lr_empty, M, N, K, B_KMAJOR, BITS_TMA, BLOCK_M, BLOCK_N, GROUP_M)),
+                        lr_ready, lr_empty, M, N, K, B_KMAJOR, BITS_TMA, R_FP32, BLOCK_M, BLOCK_N, GROUP_M)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -345,6 +310,17 @@ def _stages_and_epi(rank_pad: int, l_bytes: int, bits_tma: bool) -> tuple[int, i
 def _check_rank(r: int, name: str) -> None:
     if r not in SUPPORTED_RANKS:
         raise ValueError(f"rank r={r} (from {name}) is not supported; expected one of {SUPPORTED_RANKS}")
+
+
+def _check_right(name: str, t: torch.Tensor, dims: tuple[str, str]) -> None:
+    """B [N, r] or A [r, K]: bf16 as every TMA operand (``ws_gemm._check_operand``), or fp32, 2-D with sizes
+    that are multiples of 8 (rounded to bf16 in the kernel, or by a cast first: ``_right_operand``)."""
+    if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+        if t.dim() != 2 or any(size % 8 for size in t.shape):
+            raise ValueError(f"{name} must be 2-D [{', '.join(dims)}] with sizes that are multiples of 8, got "
+                             f"shape {tuple(t.shape)}")
+        return
+    _check_operand(name, t, dims)
 
 
 def _check_low(name: str, low: torch.Tensor, m: int) -> None:
@@ -378,6 +354,21 @@ def deep_ring(r: int, *, bits_tma: bool) -> bool:
     return _stages_and_epi(max(16, r), 2, bits_tma)[0] >= MIN_DX_STAGES
 
 
+R_FP32_MAX_RANK = 32
+"""The largest rank at which an fp32 B or A (PEFT's adapters) is rounded to bf16 in the kernel
+(``store_r``: its tile is then at most 32 fp32 registers per consumer thread, beside the
+accumulator); at r = 64 it is cast before the launch."""
+
+
+def _right_operand(r_mat: torch.Tensor, rank: int) -> tuple[torch.Tensor, bool]:
+    """(the right low-rank operand to launch with, whether the kernel rounds it from fp32 itself)."""
+    if r_mat.dtype == torch.float32:
+        if rank <= R_FP32_MAX_RANK and r_mat.stride(1) == 1:
+            return r_mat, True
+        r_mat = r_mat.to(torch.bfloat16, memory_format=torch.contiguous_format)  # what the kernel's rounding gives
+    return r_mat, False
+
+
 Launch = tuple[tuple[int], tuple, dict, torch.Tensor]
 """(grid, arguments, constexprs, output) of one ``_lora_gemm_kernel`` launch."""
 
@@ -392,16 +383,19 @@ def _launch_args(a, b, l_mat, r_mat, b_kmajor: bool, out, bias, bits, lscale: fl
         l_mat = l_mat.to(torch.bfloat16)  # the values the kernel's own rounding would give
     stages, epi_n = _stages_and_epi(rank_pad, l_mat.element_size(), bits_tma)
     l_desc = _descriptor_of(l_mat, [_BLOCK_M, rank_pad])
+    rank = l_mat.shape[1]
+    r_mat, r_fp32 = _right_operand(r_mat, rank)
+    r_desc = l_desc if r_fp32 else _descriptor_of(r_mat, [_BLOCK_N, rank_pad] if b_kmajor else [rank_pad, _BLOCK_N])
     # bits as int32 words [M, n/32]: each thread then reads whole words
     bits_desc = _descriptor_of(bits.view(torch.int32), [_BLOCK_M, _BLOCK_N // 32]) if bits_tma else l_desc
     args = (_descriptor_of(a, [_BLOCK_M, _BLOCK_K]),
             _descriptor_of(b, [_BLOCK_N, _BLOCK_K] if b_kmajor else [_BLOCK_K, _BLOCK_N]),
-            l_desc, _descriptor_of(r_mat, [_BLOCK_N, rank_pad] if b_kmajor else [rank_pad, _BLOCK_N]),
-            bits_desc, _descriptor_of(out, [_BLOCK_M, epi_n]), bias if bias is not None else out,
-            bits if bits is not None else out, bits.stride(0) if bits is not None else 0, float(lscale), m, n, k)
+            l_desc, r_desc, bits_desc, _descriptor_of(out, [_BLOCK_M, epi_n]), bias if bias is not None else out,
+            bits if bits is not None else out, bits.stride(0) if bits is not None else 0, r_mat, r_mat.stride(0), rank,
+            float(lscale), m, n, k)
     constexprs = dict(B_KMAJOR=b_kmajor, HAS_BIAS=bias is not None, HAS_BITS=bits is not None, BITS_TMA=bits_tma,
-                      BLOCK_N=_BLOCK_N, GROUP_M=_GROUP_M, NUM_STAGES=stages, CONSUMER_REGS=_CONSUMER_REGS,
-                      LOADER_REGS=_LOADER_REGS)
+                      R_FP32=r_fp32, BLOCK_N=_BLOCK_N, GROUP_M=_GROUP_M, NUM_STAGES=stages,
+                      CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
     tiles = -(-m // _BLOCK_M) * -(-n // _BLOCK_N)
     grid = (max(1, min(num_sms or sm_count(a.device), tiles)),)
     return grid, args, constexprs, out
@@ -437,7 +431,7 @@ def prepare_base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         raise ValueError(f"weight.shape={tuple(weight.shape)} must be [N, K={k}] (x is {tuple(x.shape)})")
     _check_low("s_act", s_act, m)
     r = s_act.shape[1]
-    _check_operand("lora_b", lora_b, ("N", "r"))
+    _check_right("lora_b", lora_b, ("N", "r"))
     if tuple(lora_b.shape) != (n, r):
         raise ValueError(f"lora_b.shape={tuple(lora_b.shape)} must be [N={n}, r={r}]")
     if not bias_ok(bias, n):
@@ -460,7 +454,7 @@ def prepare_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a:
         raise ValueError(f"weight.shape={tuple(weight.shape)} must be [N={n}, K] (dy is {tuple(dy.shape)})")
     _check_low("ds", ds, m)
     r = ds.shape[1]
-    _check_operand("lora_a", lora_a, ("r", "K"))
+    _check_right("lora_a", lora_a, ("r", "K"))
     if tuple(lora_a.shape) != (r, k):
         raise ValueError(f"lora_a.shape={tuple(lora_a.shape)} must be [r={r}, K={k}]")
     if not 0.0 <= p < 1.0:
@@ -482,15 +476,15 @@ def _run(launch: Launch) -> torch.Tensor:
 
 def base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s_act: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """y = x Wᵀ + bias + scale·S Bᵀ -> [M, N] bf16: x [M, K], W [N, K], bias [N] or None, B [N, r], all bf16,
-    S [M, r] bf16 or fp32 (rounded to bf16 in the kernel); row-major with sizes that are multiples of 8
-    (r: 16-byte aligned rows); r in ``SUPPORTED_RANKS``."""
+    """y = x Wᵀ + bias + scale·S Bᵀ -> [M, N] bf16: x [M, K], W [N, K], bias [N] or None, all bf16, B [N, r]
+    and S [M, r] bf16 or fp32 (rounded to bf16 in the kernel, B up to ``R_FP32_MAX_RANK``); row-major with
+    sizes that are multiples of 8 (r: 16-byte aligned rows); r in ``SUPPORTED_RANKS``."""
     return _run(prepare_base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype))
 
 
 def dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a: torch.Tensor, p: float,
        out_dtype: torch.dtype, *, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
-    """dX = dY W + m ⊙ (dS A)/(1-p) -> [M, K] bf16: dY [M, N], W [N, K], A [r, K] bf16; dS [M, r] fp32
-    or bf16; for p > 0 the mask comes from ``keep_bits`` (uint8 [M, K/8] as ``da`` wrote them: this
+    """dX = dY W + m ⊙ (dS A)/(1-p) -> [M, K] bf16: dY [M, N], W [N, K] bf16; A [r, K] and dS [M, r] fp32
+    or bf16 (rounded as in ``base_expand``); for p > 0 the mask comes from ``keep_bits`` (uint8 [M, K/8] as ``da`` wrote them: this
     kernel does not regenerate it from the seed)."""
     return _run(prepare_dx(dy, weight, ds, lora_a, p, out_dtype, keep_bits=keep_bits))

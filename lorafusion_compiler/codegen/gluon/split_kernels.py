@@ -34,7 +34,7 @@ from ..autotune import cdiv, num_sms as sm_count
 from ..kernels import _check_bits, _tma_rows
 from ..launch import launch as launch_kernel
 from .masked_tiles import keep_words, mask_in_place, ring_loader, store_keep_bits
-from .ws_gemm import _acc_layout, _descriptor_of
+from .ws_gemm import _acc_layout, _descriptor_of, _pick
 
 __all__ = ["ROUTED_RANKS", "SUPPORTED_RANKS", "da", "prepare_da", "prepare_shrink", "shrink"]
 
@@ -54,12 +54,6 @@ _BLOCK_M, _BLOCK_K, _STAGES, _PER_SM, _LOADER_REGS = 64, 128, 4, 2, 40
 _OPTIONS = {"num_warps": 4, "maxnreg": 128}
 """Launch options: the consumer warpgroup is the default partition; 128 registers per thread (no spills,
 ptxas, r <= 64) let two programs share an SM (255, ptxas's choice without the cap, allow one)."""
-
-
-@gluon.constexpr_function
-def _pick(flag, if_true, if_false):
-    """``if_true if flag else if_false`` at trace time."""
-    return if_true if flag else if_false
 
 
 @gluon.jit

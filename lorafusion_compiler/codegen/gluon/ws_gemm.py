@@ -121,6 +121,12 @@ def _acc_layout(rows, cols):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, cols, 16])
 
 
+@gluon.constexpr_function
+def _pick(flag, if_true, if_false):
+    """``if_true if flag else if_false`` at trace time."""
+    return if_true if flag else if_false
+
+
 @gluon.jit
 def _tile_offsets(tile_id, num_pid_m, num_pid_n, GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """(row, column) of C where tile ``tile_id`` starts, in grouped order."""
