@@ -485,6 +485,6 @@ def base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a: torch.Tensor, p: float,
        out_dtype: torch.dtype, *, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
     """dX = dY W + m ⊙ (dS A)/(1-p) -> [M, K] bf16: dY [M, N], W [N, K] bf16; A [r, K] and dS [M, r] fp32
-    or bf16 (rounded as in ``base_expand``); for p > 0 the mask comes from ``keep_bits`` (uint8 [M, K/8] as ``da`` wrote them: this
-    kernel does not regenerate it from the seed)."""
+    or bf16 (rounded as in ``base_expand``); for p > 0 the mask comes from ``keep_bits`` (uint8 [M, K/8] as
+    ``da`` wrote them: this kernel does not regenerate it from the seed)."""
     return _run(prepare_dx(dy, weight, ds, lora_a, p, out_dtype, keep_bits=keep_bits))
