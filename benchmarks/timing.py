@@ -94,13 +94,17 @@ def _timed_rounds(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup
 
 
 def interleaved_ms(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: int = 3,
-                   timer: Timer | None = None) -> dict[str, float]:
+                   timer: Timer | None = None, seed: int | None = 0) -> dict[str, float]:
     """Median milliseconds per call of every entry of ``calls``, called round-robin.
 
-    Each of ``warmup + rounds`` rounds calls every entry once, in the mapping's order; the first
-    ``warmup`` rounds are not timed. ``timer`` defaults to CUDA events.
+    Each of ``warmup + rounds`` rounds calls every entry once, in a fresh random order (``seed``) or,
+    with ``seed=None``, in the mapping's order; the first ``warmup`` rounds are not timed. A fixed
+    order lets a neighbour bias an entry: on a power-capped GPU a step that follows a lighter one runs
+    at higher clocks (H200, 8-layer training step: up to 0.015 of the floor's speed,
+    ``docs/kernel-notes/end-to-end.md``, twentieth session). ``timer`` defaults to CUDA events.
     """
-    timed = _timed_rounds(calls, rounds=rounds, warmup=warmup, timer=timer)
+    shuffle = None if seed is None else random.Random(seed)
+    timed = _timed_rounds(calls, rounds=rounds, warmup=warmup, timer=timer, shuffle=shuffle)
     return {name: statistics.median(r[name] for r in timed) for name in calls}
 
 

@@ -1,4 +1,4 @@
-"""CPU tests of benchmarks/timing.py: round-robin order, warm-up exclusion, drift cancellation."""
+"""CPU tests of benchmarks/timing.py: round-robin order, warm-up exclusion, drift and order-effect cancellation."""
 
 import importlib.util
 from pathlib import Path
@@ -40,7 +40,7 @@ class DriftClock:
 
 def test_round_robin_order_and_warmup_excluded():
     clock = DriftClock({"a": 1.0, "b": 2.0, "c": 3.0}, drift=0.0)
-    out = timing.interleaved_ms({n: clock.call(n) for n in "abc"}, rounds=4, warmup=2, timer=clock)
+    out = timing.interleaved_ms({n: clock.call(n) for n in "abc"}, rounds=4, warmup=2, timer=clock, seed=None)
     assert clock.order == list("abc") * 6
     assert out == {"a": 1.0, "b": 2.0, "c": 3.0}
 
@@ -96,6 +96,32 @@ def test_ratios_per_round_survive_a_clock_step_and_shuffle_the_order():
     assert out["cublas"] == (1.0, 0.0)
     rounds = [clock.order[i:i + 3] for i in range(0, len(clock.order), 3)]
     assert all(sorted(r) == sorted(cost) for r in rounds) and len({tuple(r) for r in rounds}) > 1
+
+
+class NeighbourClock(DriftClock):
+    """Fake timer of a power-capped GPU: a call runs ``bonus`` faster when the call before it was of
+    the light variant ``light`` (the GPU comes to it cooler)."""
+
+    def __init__(self, cost: dict[str, float], light: str, bonus: float):
+        super().__init__(cost, drift=0.0)
+        self.light, self.bonus = light, bonus
+
+    def stop(self, started):
+        previous = self.order[-2] if len(self.order) > 1 else None
+        return self.cost[self.current] * (1 - self.bonus if previous == self.light else 1)
+
+
+def test_shuffled_rounds_spread_the_neighbour_effect_over_the_variants():
+    cost = {"floor": 1.0, "new": 1.06, "old": 1.06}  # new and old: equally fast
+    fixed = NeighbourClock(cost, light="floor", bonus=0.02)
+    out = timing.interleaved_ms({n: fixed.call(n) for n in cost}, rounds=40, warmup=2, timer=fixed, seed=None)
+    assert out["new"] < out["old"]  # the fixed order hands "new" (always right after the floor) a fake gain
+    shuffled = NeighbourClock(cost, light="floor", bonus=0.02)
+    out = timing.interleaved_ms({n: shuffled.call(n) for n in cost}, rounds=41, warmup=2, timer=shuffled)
+    orders = {tuple(shuffled.order[i:i + 3]) for i in range(0, len(shuffled.order), 3)}
+    assert len(orders) > 1 and all(sorted(o) == sorted(cost) for o in orders)
+    # each round's call after the floor is either variant; the medians match the true costs again
+    assert out["new"] == pytest.approx(1.06) and out["old"] == pytest.approx(1.06)
 
 
 def test_ratios_reject_an_unknown_reference():

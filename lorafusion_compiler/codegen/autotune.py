@@ -5,7 +5,9 @@ events around queued calls, cold L2, median, best of ``TUNE_ROUNDS`` interleaved
 keeps the fastest; later calls only look the choice up, so nothing is host-synchronised per
 call. Under TRITON_INTERPRET=1 (no driver, no timing) and during CUDA-graph capture one fixed
 configuration is used. ``LORAFUSION_TUNE_MAX=n`` limits tuning to the first n candidates
-(quick benchmark runs: less compile time).
+(quick benchmark runs: less compile time). Candidates whose operand ring alone would overflow the
+GPU's shared memory (``ring_bytes``: fp32 operands in tiles sized for 16-bit ones) are tried only if
+none of the others launches, so a fresh process does not compile kernels only to reject them.
 """
 
 from __future__ import annotations
@@ -167,17 +169,51 @@ def shape_bucket(m: int) -> int:
     return next_pow2(m)
 
 
-def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: int, launch: Callable[[TileConfig], Any]) -> Any:
+def ring_bytes(kernel: str, cfg: TileConfig, operand_bytes: int) -> int:
+    """Shared memory of ``cfg``'s operand ring alone: ``num_stages`` slots of the main operands' tiles
+    (GEMMs: [BLOCK_M, BLOCK_Q] and [BLOCK_Q, BLOCK_P]; split kernels: the x or dY tile), ``operand_bytes``
+    each. A lower bound of what the compiled kernel asks for (low-rank tiles, barriers and the
+    epilogue come on top)."""
+    family = _family(kernel)
+    if family == "lowrank_gemm":
+        tile = cfg["BLOCK_Q"] * (cfg["BLOCK_M"] + cfg["BLOCK_P"])
+    else:
+        tile = cfg["BLOCK_M"] * cfg["BLOCK_N" if family == "ds_db" else "BLOCK_K"]
+    return cfg.num_stages * tile * operand_bytes
+
+
+def _split_by_predicted_fit(kernel: str, candidates: Sequence[TileConfig],
+                            operand_bytes: int) -> tuple[list[TileConfig], list[TileConfig]]:
+    """(candidates whose ``ring_bytes`` fit the GPU's shared memory, the others), each in the given order;
+    all fit where there is nothing to measure against (interpreter, no GPU)."""
+    limit = _smem_limit()
+    fit = [c for c in candidates if limit is None or ring_bytes(kernel, c, operand_bytes) <= limit]
+    return fit, [c for c in candidates if c not in fit]
+
+
+def _smem_limit() -> int | None:
+    """Shared memory one program may use on the current GPU, in bytes (None under the interpreter or
+    without a GPU: nothing to order by)."""
+    if interpreting() or not torch.cuda.is_available():
+        return None
+    return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "shared_memory_per_block_optin", None)
+
+
+def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: int, launch: Callable[[TileConfig], Any],
+              *, operand_bytes: int = 2) -> Any:
     """Run ``launch`` with the best configuration for (kernel, spec, shape bucket) and return its result.
 
     ``shape`` is (M, other dims...); M is bucketed. ``launch`` must be re-runnable (it
     allocates or zeroes its own outputs), since tuning calls it once per candidate.
+    ``operand_bytes``: element size of the main operands (x, W, dY), for ``ring_bytes``.
     """
     key = (kernel, spec_key, shape_bucket(shape[0]), shape[1:])
     best = _CHOICES.get(key)
     if best is not None:
         return launch(best)
-    candidates = configs(kernel, rank_bucket)
+    fit, overflow = _split_by_predicted_fit(kernel, configs(kernel, rank_bucket), operand_bytes)
+    everything = fit + overflow  # the estimate orders, it never removes a configuration
+    candidates = fit or overflow
     limit = int(os.environ.get("LORAFUSION_TUNE_MAX", "0") or 0)
     if limit > 0:  # quick tuning (benchmark scripts): only the first ``limit`` candidates
         candidates = candidates[:limit]
@@ -186,7 +222,7 @@ def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: i
         # nothing to choose, or no timing allowed inside a graph capture: the first config that fits;
         # kept when there was nothing to choose (a later call then skips the configs that did not
         # fit), not inside a capture (a later call outside it still tunes)
-        cfg, result = _first_that_fits(configs(kernel, rank_bucket), launch)
+        cfg, result = _first_that_fits(everything, launch)
         if not capturing:
             _CHOICES[key] = cfg
         return result
@@ -200,8 +236,10 @@ def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: i
             except Exception:  # a configuration that does not fit (shared memory, registers) is skipped
                 timings[i] = float("nan")
     valid = [i for i, t in enumerate(timings) if t == t]  # every round timed each one or set NaN
-    if not valid:  # nothing launched: re-raise the first candidate's error
-        return launch(candidates[0])
+    if not valid:  # nothing launched: the first of all configurations that does (or the last error)
+        best, result = _first_that_fits(everything, launch)
+        _CHOICES[key] = best
+        return result
     best = candidates[min(valid, key=timings.__getitem__)]
     _CHOICES[key] = best
     return launch(best)

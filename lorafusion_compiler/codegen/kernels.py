@@ -95,7 +95,7 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, 
                 cfg, BLOCK_R=rb, K_SPLIT=k_split)
         return out
 
-    out = run_tuned("shrink", key, (m, k), rb, launch)
+    out = run_tuned("shrink", key, (m, k), rb, launch, operand_bytes=x.element_size())
     return out[0] if out.shape[0] == 1 else out.sum(0)
 
 
@@ -181,7 +181,7 @@ def _lowrank_gemm(
                 cfg, BLOCK_R=block_r)
         return out
 
-    return run_tuned(kernel_name, key, (m, p, q), rb, launch)
+    return run_tuned(kernel_name, key, (m, p, q), rb, launch, operand_bytes=x.element_size())
 
 
 def base_expand(
@@ -241,7 +241,7 @@ def ds_db(
                 cfg, BLOCK_R=rb, N_SPLIT=n_split)
         return d_s, d_b
 
-    d_s, d_b = run_tuned("ds_db", key, (m, n, r), rb, launch)
+    d_s, d_b = run_tuned("ds_db", key, (m, n, r), rb, launch, operand_bytes=dy.element_size())
     d_s = d_s[0] if d_s.shape[0] == 1 else d_s.sum(0)
     d_b = d_b[0] if d_b.shape[0] == 1 else d_b.sum(0)
     return d_s, (d_b if d_b.dtype == lora_b.dtype else d_b.to(lora_b.dtype))
@@ -282,7 +282,7 @@ def da(
                 cfg, BLOCK_R=rb, M_SPLIT=m_split)
         return out
 
-    out = run_tuned("da", key, (m, k, r), rb, launch)
+    out = run_tuned("da", key, (m, k, r), rb, launch, operand_bytes=x.element_size())
     out = out[0] if out.shape[0] == 1 else out.sum(0)
     return out if out.dtype == a_dtype else out.to(a_dtype)
 

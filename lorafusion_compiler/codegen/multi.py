@@ -193,7 +193,7 @@ def multi_forward(x2, weight, bias, lora_a, lora_b, scales, dropout_ps, adapter_
                 cfg, BLOCK_R=rb, K_SPLIT=k_split)
         return out
 
-    s_act = run_tuned("shrink", key, (m, k, n), rb, launch_shrink)
+    s_act = run_tuned("shrink", key, (m, k, n), rb, launch_shrink, operand_bytes=x2.element_size())
     s_act = s_act[0] if s_act.shape[0] == 1 else s_act.sum(0)
     s_act = s_act if s_act.dtype == a_dtype else s_act.to(a_dtype)
 
@@ -243,7 +243,8 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
                 cfg, BLOCK_R=rb, N_SPLIT=n_split)
         return d_s, d_b, pieces
 
-    d_s, d_b, pieces = run_tuned("ds_db", key, (m, n_out, rs, n), rb, launch_ds_db)
+    d_s, d_b, pieces = run_tuned("ds_db", key, (m, n_out, rs, n), rb, launch_ds_db,
+                                   operand_bytes=dy2.element_size())
     d_s = d_s[0] if d_s.shape[0] == 1 else d_s.sum(0)
     if deterministic:  # per-piece slots -> per-adapter sums with one fixed-order GEMM
         onehot = (pieces[:, 2][None, :] == torch.arange(n, device=dev, dtype=torch.int32)[:, None]).to(torch.float64)
@@ -277,7 +278,7 @@ def multi_backward(dy2, x2, weight, lora_a, lora_b, s_act, seeds, adapter_rows, 
                 cfg, BLOCK_R=rb, M_SPLIT=chunks)
         return out
 
-    d_a = run_tuned("da", key, (m, k, rs, n), rb, launch_da)
+    d_a = run_tuned("da", key, (m, k, rs, n), rb, launch_da, operand_bytes=x2.element_size())
 
     d_x = x2.new_empty(0)
     if needs_dx:

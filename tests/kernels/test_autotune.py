@@ -1,4 +1,5 @@
-"""The tuner's fallback: a tile config that does not fit the GPU is skipped, not fatal."""
+"""The tuner's fallback: a tile config that does not fit the GPU is skipped, not fatal; configs whose
+operand ring cannot fit are tried last."""
 
 import pytest
 from triton.runtime.errors import OutOfResources
@@ -48,6 +49,7 @@ def _tune_with_timings(monkeypatch, script: dict[int, list[float]]):
     cands = (_cfg(32), _cfg(64), _cfg(128))
     monkeypatch.setattr(autotune, "configs", lambda kernel, rb: cands)
     monkeypatch.setattr(autotune, "_CHOICES", {})
+    monkeypatch.setattr(autotune, "_smem_limit", lambda: None)
     monkeypatch.setattr(autotune.torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.delenv("LORAFUSION_TUNE_MAX", raising=False)
     rounds = {bm: iter(ts) for bm, ts in script.items()}
@@ -82,6 +84,7 @@ def test_single_candidate_fallback_is_kept_outside_a_capture(monkeypatch, captur
     cands = (_cfg(128), _cfg(64))
     monkeypatch.setattr(autotune, "configs", lambda kernel, rb: cands)
     monkeypatch.setattr(autotune, "_CHOICES", {})
+    monkeypatch.setattr(autotune, "_smem_limit", lambda: None)
     monkeypatch.setattr(autotune.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(autotune.torch.cuda, "is_current_stream_capturing", lambda: capturing)
     monkeypatch.setenv("LORAFUSION_TUNE_MAX", "1")
@@ -137,3 +140,63 @@ def test_split_aims_at_the_configured_programs_per_sm(per_sm, want):
     # 2 SMs on the CPU stand-in, 4 programs along the other axis: ceil(2 * per_sm / 4), a power of two,
     # at most the 32 blocks there are to split
     assert _split(32, 4, torch.device("cpu"), cfg) == want
+
+
+def _gemm_cfg(block_m: int, block_p: int, stages: int) -> TileConfig:
+    return TileConfig((("BLOCK_M", block_m), ("BLOCK_P", block_p), ("BLOCK_Q", 64)), 8, stages)
+
+
+def test_ring_bytes_counts_the_stages_of_the_main_operand_tiles():
+    from lorafusion_compiler.codegen.autotune import ring_bytes
+
+    # 3 stages of x [128, 64] and W [64, 256]: 147456 bytes in bf16, 294912 in fp32 (over H100's 232448)
+    assert ring_bytes("dx", _gemm_cfg(128, 256, 3), 2) == 147456
+    assert ring_bytes("base_expand", _gemm_cfg(128, 256, 3), 4) == 294912
+    assert ring_bytes("da", TileConfig((("BLOCK_M", 64), ("BLOCK_K", 128)), 4, 3), 4) == 3 * 64 * 128 * 4
+    assert ring_bytes("ds_db", TileConfig((("BLOCK_M", 128), ("BLOCK_N", 64)), 8, 4), 2) == 4 * 128 * 64 * 2
+
+
+def _tune_gemm(monkeypatch, cands, *, operand_bytes: int, tune_max: int = 0, fails=()):
+    """run_tuned("dx") over ``cands`` on a fake GPU with H100's shared memory; launches of configs in
+    ``fails`` run out of resources. Returns (result, configs launched in order)."""
+    from lorafusion_compiler.codegen import autotune
+
+    monkeypatch.setattr(autotune, "configs", lambda kernel, rb: tuple(cands))
+    monkeypatch.setattr(autotune, "_CHOICES", {})
+    monkeypatch.setattr(autotune, "_smem_limit", lambda: 232448)
+    monkeypatch.setattr(autotune.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(autotune.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv("LORAFUSION_TUNE_MAX", str(tune_max))
+    launched = []
+
+    def launch(cfg):
+        launched.append(cfg)
+        if cfg in fails:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return cfg
+
+    monkeypatch.setattr(autotune, "_gpu_ms", lambda fn: 1.0 / fn()["BLOCK_P"])  # wider tiles "faster"
+    return autotune.run_tuned("dx", "key", (1000, 16, 16), 16, launch, operand_bytes=operand_bytes), launched
+
+
+def test_fp32_operands_skip_the_tiles_whose_ring_overflows_before_compiling_them(monkeypatch):
+    big, small = _gemm_cfg(128, 256, 3), _gemm_cfg(128, 128, 3)  # fp32 rings: 294912 and 196608 bytes
+    # one candidate (LORAFUSION_TUNE_MAX=1): the first that can fit is launched first, nothing else
+    result, launched = _tune_gemm(monkeypatch, [big, small], operand_bytes=4, tune_max=1)
+    assert result == small and launched == [small]
+    # full tuning: only the ones that can fit are timed
+    result, launched = _tune_gemm(monkeypatch, [big, small], operand_bytes=4)
+    assert result == small and big not in launched
+    # bf16 operands: both fit and are timed; the faster (wider) one wins
+    result, launched = _tune_gemm(monkeypatch, [big, small], operand_bytes=2)
+    assert result == big and small in launched
+
+
+def test_the_estimate_only_orders_a_config_that_might_fit_after_all_is_still_tried(monkeypatch):
+    big, small = _gemm_cfg(128, 256, 3), _gemm_cfg(128, 128, 3)
+    # every config predicted to overflow: they are tried anyway, in the given order
+    result, launched = _tune_gemm(monkeypatch, [big], operand_bytes=8, tune_max=1)
+    assert result == big and launched == [big]
+    # the predicted-to-fit ones fail to launch: the others are tried before giving up
+    result, launched = _tune_gemm(monkeypatch, [big, small], operand_bytes=4, fails=(small,))
+    assert result == big and launched[-1] == big

@@ -6,7 +6,8 @@ cannot express on Hopper (``docs/gemm-rewrite-plan.md``).
 * ``lora_gemm``: the fused ``base_expand`` and ``dx`` built on it (``low_rank_tiles``: the device
   pieces of their low-rank prologue);
 * ``split_kernels``: shrink and dA with the dropout mask (``masked_tiles``: the mask and the TMA ring);
-* ``kernel_set``: the ``"gluon"`` kernel set (those two where they apply, the Triton kernels
+* ``ds_db``: dS and dB from one read of dY (the same TMA ring);
+* ``kernel_set``: the ``"gluon"`` kernel set (those kernels where they apply, the Triton kernels
   elsewhere); ``kernels="auto"`` picks it for bf16 with CUDA graphs on Hopper
   (``backend.kernel_set_for``).
 

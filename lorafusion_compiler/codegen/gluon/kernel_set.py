@@ -9,7 +9,8 @@ Gluon applies to a call when it runs on a Hopper GPU with the activations, weigh
 bfloat16 and the adapters in bfloat16 or float32 (rounded to bf16 first, as the Triton kernels
 round them), row-major with sizes that are multiples of 8, a rank in ``lora_gemm.SUPPORTED_RANKS``,
 a weight given, and (dx) the dropout mask given as keep bits when p > 0, with a ring still
-``lora_gemm.MIN_DX_STAGES`` deep beside them (not at r = 64). ``ds_db``, the deterministic
+``lora_gemm.MIN_DX_STAGES`` deep beside them (not at r = 64). ``ds_db`` runs in Gluon where
+``ds_db_applies`` (``gluon/ds_db.py``: r ≤ 32, atomics allowed). The deterministic ``ds_db`` and
 ``da`` and the multi-adapter launchers are the ``"triton"`` set's.
 """
 
@@ -20,10 +21,10 @@ import torch
 from .. import dense_products as _dense
 from .. import triton_set as _tl
 from ..kernels import _tma_rows
-from ..triton_set import ds_db, multi_backward, multi_forward
+from ..triton_set import multi_backward, multi_forward
 
-__all__ = ["base_expand", "da", "ds_db", "dx", "gluon_applies", "multi_backward", "multi_forward", "shrink",
-           "split_applies"]
+__all__ = ["base_expand", "da", "ds_db", "ds_db_applies", "dx", "gluon_applies", "multi_backward", "multi_forward",
+           "shrink", "split_applies"]
 
 
 def _hopper(t: torch.Tensor) -> bool:
@@ -72,6 +73,28 @@ def split_applies(x: torch.Tensor, low: torch.Tensor, *, rank_dim: int, determin
     return (not deterministic and _hopper(x) and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] % 8 == 0
             and _tma_rows(x) and low.dtype in _ADAPTER_DTYPES and low.dim() == 2
             and low.shape[rank_dim] in ROUTED_RANKS and _tma_rows(low))
+
+
+def ds_db_applies(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor, *, deterministic: bool = False) -> bool:
+    """Whether ``ds_db`` runs in Gluon: a Hopper GPU, dY bf16 [M, N] row-major with N % 8 == 0, B [N, r] fp32 or
+    bf16 row-major with r in ``ds_db.SUPPORTED_RANKS``, S [M, r] fp32 or bf16 with unit column stride, and
+    atomics allowed (the deterministic ds_db is the ``tl`` one)."""
+    from .ds_db import SUPPORTED_RANKS
+
+    return (not deterministic and _hopper(dy) and dy.dtype == torch.bfloat16 and dy.dim() == 2 and dy.shape[1] % 8 == 0
+            and _tma_rows(dy) and lora_b.dtype in _ADAPTER_DTYPES and lora_b.dim() == 2
+            and lora_b.shape[1] in SUPPORTED_RANKS and _tma_rows(lora_b) and s_act.dtype in _ADAPTER_DTYPES
+            and s_act.dim() == 2 and s_act.shape[1] == lora_b.shape[1] and s_act.stride(1) == 1)
+
+
+def ds_db(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor, scale: float, *,
+          deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``triton_set.ds_db``, in Gluon where ``ds_db_applies``."""
+    if ds_db_applies(dy, lora_b, s_act, deterministic=deterministic):
+        from .ds_db import ds_db as gluon_ds_db
+
+        return gluon_ds_db(dy, lora_b, s_act, scale)
+    return _tl.ds_db(dy, lora_b, s_act, scale, deterministic=deterministic)
 
 
 def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, *,

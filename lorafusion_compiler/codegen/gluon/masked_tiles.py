@@ -1,4 +1,4 @@
-"""Device pieces shared by the Gluon ``shrink`` and ``da``: a TMA ring of x tiles with a second operand,
+"""Device pieces shared by the Gluon ``shrink``, ``da`` and ``ds_db``: a TMA ring of x tiles with a second operand,
 and the dropout mask applied to an x tile in place (Hopper, Triton 3.6 API).
 
 The mask is ``ops.dropout_mask``'s: counter (row·K + col) // 8, lane col % 8, Philox-4x32-7. An x tile
@@ -131,10 +131,12 @@ def mask_in_place(slot, k0, k1, k2, k3, ROWS: gl.constexpr, COLS: gl.constexpr):
 
 
 @gluon.jit
-def ring_loader(x_desc, o_desc, x_bufs, o_bufs, ready, empty, fixed, first, stop, step, ALONG_ROWS: gl.constexpr):
+def ring_loader(x_desc, o_desc, x_bufs, o_bufs, ready, empty, fixed, first, stop, step, ALONG_ROWS: gl.constexpr,
+                O_ROWS: gl.constexpr):
     """TMA producer (1 warp): for t = first, first + step, ... < stop, the x tile and the other operand's tile
-    into ring slot i % STAGES. ALONG_ROWS (dA): x at [t·ROWS, fixed], other (dS) at [t·ROWS, 0]; else
-    (shrink): x at [fixed, t·COLS], other (A [r, K]) at [0, t·COLS]."""
+    into ring slot i % STAGES. ALONG_ROWS (dA): x at [t·ROWS, fixed], other (dS [M, r]) at [t·ROWS, 0]; else
+    x at [fixed, t·COLS] and the other at [0, t·COLS] (shrink: A [r, K]) or, O_ROWS, at [t·COLS, 0]
+    (ds_db: B [N, r] beside dY [M, N] in x's place)."""
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     ROWS: gl.constexpr = x_desc.block_type.shape[0]
     COLS: gl.constexpr = x_desc.block_type.shape[1]
@@ -149,5 +151,8 @@ def ring_loader(x_desc, o_desc, x_bufs, o_bufs, ready, empty, fixed, first, stop
             tma.async_copy_global_to_shared(o_desc, [t * ROWS, 0], bar, o_bufs.index(s))
         else:
             tma.async_copy_global_to_shared(x_desc, [fixed, t * COLS], bar, x_bufs.index(s))
-            tma.async_copy_global_to_shared(o_desc, [0, t * COLS], bar, o_bufs.index(s))
+            if O_ROWS:
+                tma.async_copy_global_to_shared(o_desc, [t * COLS, 0], bar, o_bufs.index(s))
+            else:
+                tma.async_copy_global_to_shared(o_desc, [0, t * COLS], bar, o_bufs.index(s))
         i += 1

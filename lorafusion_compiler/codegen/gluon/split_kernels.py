@@ -146,7 +146,7 @@ def _split_kernel(x_desc, o_desc, out_ptr, bits_ptr, seed_ptr, threshold, inv_ke
     gl.warp_specialize([
         (_consumer, (x_bufs, o_bufs, ob, ready, empty, out_ptr, bits_ptr, seed_ptr, threshold, inv_keep, M, K, R,
                      fixed, first, stop, SPLIT, DA, DROPOUT, BITS, ATOMIC)),
-        (ring_loader, (x_desc, o_desc, x_bufs, o_bufs, ready, empty, fixed, first, stop, SPLIT, DA)),
+        (ring_loader, (x_desc, o_desc, x_bufs, o_bufs, ready, empty, fixed, first, stop, SPLIT, DA, False)),
     ], [1], [LOADER_REGS])
 
 
