@@ -84,7 +84,8 @@ def _consumer(x_bufs, o_bufs, ob, ready, empty, out_ptr, bits_ptr, seed_ptr, thr
             off_m = fixed
             off_k = t * COLS
         if DROPOUT:
-            k0, k1, k2, k3 = keep_words(seed_ptr, threshold, off_m, off_k, K, ROWS, COLS)  # while the tile is in flight
+            # while the tile is in flight; shrink's lane arithmetic on the multiply pipe (dA's is busier there)
+            k0, k1, k2, k3 = keep_words(seed_ptr, threshold, off_m, off_k, K, ROWS, COLS, _pick(DA, False, True))
             if BITS:
                 store_keep_bits(k0, k1, k2, k3, bits_ptr, off_m, off_k, M, K, ROWS, COLS)
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
