@@ -28,7 +28,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from ..autotune import cdiv, num_sms as sm_count
 from ..kernels import _tma_rows
 from ..launch import launch as launch_kernel
-from .masked_tiles import ring_loader
+from .masked_tiles import ring_barriers, ring_loader
 from .ws_gemm import _acc_layout, _descriptor_of
 
 __all__ = ["SUPPORTED_RANKS", "ds_db", "prepare_ds_db"]
@@ -104,12 +104,7 @@ def _ds_db_kernel(dy_desc, b_desc, s_ptr, stride_sm, out_ptr, scale, M, N, R, SP
                                    gl.NVMMASharedLayout.get_default_for(b_desc.block_type.shape, gl.bfloat16))
     s_rows = gl.allocate_shared_memory(gl.bfloat16, [ROWS, RP], gl.NVMMASharedLayout.get_default_for([ROWS, RP],
                                                                                                    gl.bfloat16))
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(STAGES):
-        mbarrier.init(ready.index(j), count=1)  # the loader's expect-tx arrival
-        mbarrier.init(empty.index(j), count=1)  # the consumer's release
-    fence_async_shared()
+    ready, empty = ring_barriers(STAGES)
     fixed = gl.program_id(0) * ROWS
     first = gl.program_id(1)
     stop = gl.cdiv(N, dy_desc.block_type.shape[1])

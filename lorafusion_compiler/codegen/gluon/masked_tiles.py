@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from ...ops import dropout_mask
 
-__all__ = ["ROUNDS", "keep_words", "mask_in_place", "ring_loader", "store_keep_bits", "x_layout", "x_layout3"]
+__all__ = ["ROUNDS", "keep_words", "mask_in_place", "ring_barriers", "ring_loader", "store_keep_bits", "x_layout",
+           "x_layout3"]
 
 ROUNDS = gl.constexpr(dropout_mask.PHILOX_ROUNDS)
 """Philox rounds of the mask (``dropout_mask.PHILOX_ROUNDS``)."""
@@ -156,6 +157,20 @@ def mask_in_place(slot, k0, k1, k2, k3, ROWS: gl.constexpr, COLS: gl.constexpr):
     x3 = gl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r,r", [x3, word], dtype=gl.bfloat16, is_pure=True,
                                    pack=2)
     slot.store(gl.convert_layout(gl.reshape(x3, [ROWS, COLS]), L2, assert_trivial=True))
+
+
+@gluon.jit
+def ring_barriers(STAGES: gl.constexpr):
+    """(ready, empty): one mbarrier of each per ring slot, initialised and fenced. ready[s] completes when the
+    loader's TMA copies into slot s have landed (its expect-tx arrival); empty[s] when the consumer has
+    released the slot."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(STAGES):
+        mbarrier.init(ready.index(j), count=1)
+        mbarrier.init(empty.index(j), count=1)
+    fence_async_shared()
+    return ready, empty
 
 
 @gluon.jit

@@ -33,7 +33,7 @@ from ...ops import dropout_mask
 from ..autotune import cdiv, num_sms as sm_count
 from ..kernels import _check_bits, _tma_rows
 from ..launch import launch as launch_kernel
-from .masked_tiles import keep_words, mask_in_place, ring_loader, store_keep_bits
+from .masked_tiles import keep_words, mask_in_place, ring_barriers, ring_loader, store_keep_bits
 from .ws_gemm import _acc_layout, _descriptor_of, _pick
 
 __all__ = ["ROUTED_RANKS", "SUPPORTED_RANKS", "da", "prepare_da", "prepare_shrink", "shrink"]
@@ -134,12 +134,7 @@ def _split_kernel(x_desc, o_desc, out_ptr, bits_ptr, seed_ptr, threshold, inv_ke
     o_bufs = gl.allocate_shared_memory(o_desc.dtype, [STAGES] + o_desc.block_type.shape, o_desc.layout)
     ob = gl.allocate_shared_memory(gl.bfloat16, [2] + o_desc.block_type.shape,
                                    gl.NVMMASharedLayout.get_default_for(o_desc.block_type.shape, gl.bfloat16))
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(STAGES):
-        mbarrier.init(ready.index(j), count=1)  # the loader's expect-tx arrival
-        mbarrier.init(empty.index(j), count=1)  # the consumer's release
-    fence_async_shared()
+    ready, empty = ring_barriers(STAGES)
     # dA walks the row tiles of column block k; shrink the column tiles of row block m
     fixed = gl.program_id(0) * _pick(DA, COLS, ROWS)
     first = gl.program_id(1)
