@@ -42,7 +42,7 @@ _BLOCK_M, _BLOCK_N, _STAGES, _PER_SM, _LOADER_REGS = 256, 128, 2, 1, 40
 (M / BLOCK_M)·N·r in all, are what this kernel spends beyond its read of dY: H200, r=16, µs, 8192×4096 /
 8192×14336 / 2048×4096, tiles 128×64 (4 slots, 2 per SM) 27.8 / 76.8 / 9.3, the same without the dB
 atomics 23.6 / 63.4 / 8.3, 256×128 (2 slots, 1 per SM) 25.3 / 68.7 / 9.6, tl 29.0 / 73.1 / 10.3
-(``scratch/s20_var_bench.py``, twentieth session). One slot takes 64 KiB of dY and at most 16 KiB of B."""
+(``docs/kernel-notes/split-kernels.md``, twentieth session). One slot takes 64 KiB of dY and at most 16 KiB of B."""
 _OPTIONS = {"num_warps": 4, "maxnreg": 128}
 """Launch options: the consumer warpgroup is the default partition; 128 registers: no spills at r <= 32 (ptxas)."""
 
