@@ -187,8 +187,9 @@ def one_by_one(runs, args):
 def interleaved(runs, args):
     """Yield (p, variant, ms, GiB, host ms, step) for each run, all built first and then timed round-robin
     in a fresh random order each round (``timing.interleaved_ms``): every variant sees the same GPU
-    clocks and no fixed neighbour, so their ratios carry no drift between runs. All models stay alive together. GiB is a run's own peak: measured over
-    one step after its warm-up, less the memory allocated before it was built."""
+    clocks and no fixed neighbour, so their ratios carry no drift between runs. All models stay alive
+    together. GiB is a run's own peak: measured over one step after its warm-up, less the memory
+    allocated before it was built."""
     from timing import interleaved_ms
 
     torch._dynamo.config.cache_size_limit = 64  # one set of compiled frames per live model
