@@ -21,8 +21,8 @@ def operands(m, n, r, *, device, b_dtype=torch.float32, s_dtype=torch.float32, s
     """dY [M, N] bf16, B [N, r], S [M, r] (scaled so dS and dB are O(1))."""
     g = torch.Generator().manual_seed(seed + m + n + r)
     dy = torch.randn(m, n, generator=g).to(device=device, dtype=BF)
-    b = (torch.randn(n, r, generator=g) * n ** -0.5).to(device=device, dtype=b_dtype)
-    s = (torch.randn(m, r, generator=g) * m ** -0.5).to(device=device, dtype=s_dtype)
+    b = (torch.randn(n, r, generator=g) * max(n, 1) ** -0.5).to(device=device, dtype=b_dtype)
+    s = (torch.randn(m, r, generator=g) * max(m, 1) ** -0.5).to(device=device, dtype=s_dtype)
     return dy, b, s
 
 
@@ -121,3 +121,32 @@ def test_the_set_runs_gluon_ds_db_with_a_bf16_s():
     want_s, want_b = tk.ds_db(dy, b, s, 0.5)
     assert torch.allclose(d_s, want_s, rtol=1e-3, atol=1e-3 * want_s.abs().max().item())
     assert torch.allclose(d_b, want_b, rtol=1e-3, atol=1e-3 * want_b.abs().max().item())
+
+
+def test_empty_operands_go_to_the_triton_kernels_and_the_gluon_launchers_reject_them(monkeypatch):
+    """TMA has no descriptor for an empty tensor: the set routes M = 0 or N = 0 to the Triton kernels (which
+    launch nothing and return zeros), and the Gluon launcher names the empty operand."""
+    from lorafusion_compiler.codegen.gluon import lora_gemm
+    from lorafusion_compiler.codegen.gluon import split_kernels as gsk
+
+    monkeypatch.setattr(gks, "_hopper", lambda t: True)
+    for m, n in ((0, 64), (40, 0)):
+        dy, b, s = operands(m, n, 16, device="cpu")
+        assert not gks.ds_db_applies(dy, b, s)
+        d_s, d_b = gks.ds_db(dy, b, s, 2.0)
+        assert d_s.shape == (m, 16) and d_b.shape == (n, 16) and not d_s.any() and not d_b.any()
+    dy, b, s = operands(0, 64, 16, device="cpu")
+    with pytest.raises(ValueError, match=r"dy.shape=\(0, 64\) is empty: the Gluon kernels take non-empty operands"):
+        gdd.prepare_ds_db(dy, b, s, 2.0, num_sms=132)
+    x, a, seed = dy, torch.randn(16, 64), torch.tensor(3)
+    assert not gks.split_applies(x, a, rank_dim=0) and not gks.split_applies(x, s, rank_dim=1)
+    assert gks.shrink(x, a, seed, 0.1).shape == (0, 16)
+    d_a = gks.da(x, s, seed, 0.1, torch.float32)
+    assert d_a.shape == (16, 64) and not d_a.any()
+    with pytest.raises(ValueError, match=r"x.shape=\(0, 64\) is empty"):
+        gsk.prepare_shrink(x, a, seed, 0.1, num_sms=132)
+    w = torch.randn(32, 64).to(BF)
+    assert not gks.gluon_applies("base_expand", a=x, weight=w, low=s, right=b[:32], out_dtype=BF)
+    assert gks.base_expand(x, w, None, s, b[:32], 2.0, BF).shape == (0, 32)
+    with pytest.raises(ValueError, match=r"x.shape=\(0, 64\) is empty"):
+        lora_gemm.prepare_base_expand(x, w, None, s, b[:32], 2.0, BF, num_sms=132)

@@ -29,7 +29,7 @@ from ..autotune import cdiv, num_sms as sm_count
 from ..kernels import _tma_rows
 from ..launch import launch as launch_kernel
 from .masked_tiles import ring_barriers, ring_loader
-from .ws_gemm import _acc_layout, _descriptor_of
+from .ws_gemm import _acc_layout, _descriptor_of, check_nonempty
 
 __all__ = ["SUPPORTED_RANKS", "ds_db", "prepare_ds_db"]
 
@@ -124,6 +124,7 @@ def _check(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor) -> int:
     if dy.dtype != torch.bfloat16 or dy.dim() != 2 or dy.shape[1] % 8 or not _tma_rows(dy):
         raise ValueError(f"dy must be a row-major 2-D bfloat16 [M, N] tensor with N % 8 == 0 and 16-byte aligned "
                          f"rows, got {dy.dtype} {tuple(dy.shape)} with strides {dy.stride()}")
+    check_nonempty("dy", dy)
     m, n = dy.shape
     if (lora_b.dim() != 2 or lora_b.shape[0] != n or lora_b.dtype not in (torch.float32, torch.bfloat16)
             or not _tma_rows(lora_b)):
@@ -166,9 +167,8 @@ def ds_db(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor,
     S [M, r] fp32 or bf16, r in ``SUPPORTED_RANKS``. Partial sums meet in fp32 atomics (their order, and so
     the last bits, may vary between calls)."""
     grid, args, constexprs, out = prepare_ds_db(dy, lora_b, s_act, scale)
+    launch_kernel(_ds_db_kernel, grid, args, constexprs, _OPTIONS)
     m, n = dy.shape
-    if m > 0 and n > 0:  # TMA descriptors of empty tensors are invalid; zeros are the right outputs then
-        launch_kernel(_ds_db_kernel, grid, args, constexprs, _OPTIONS)
     r = lora_b.shape[1]
     d_s, d_b = out[: m * r].view(m, r), out[m * r:].view(n, r)
     return d_s, (d_b if lora_b.dtype == torch.float32 else d_b.to(lora_b.dtype))

@@ -5,7 +5,7 @@ apply, ``shrink`` and ``da`` by the one of ``split_kernels`` (``split_applies``:
 and r ≥ 32, where cuBLAS is faster: ``dense_products``), and as the
 ``"triton"`` set (``triton_set``: ``tl`` kernels or cuBLAS matmuls) everywhere else.
 
-Gluon applies to a call when it runs on a Hopper GPU with the activations, weight and output in
+Gluon applies to a call when it runs on a Hopper GPU with non-empty activations, weight and output in
 bfloat16 and the adapters in bfloat16 or float32 (rounded to bf16 first, as the Triton kernels
 round them), row-major with sizes that are multiples of 8, a rank in ``lora_gemm.SUPPORTED_RANKS``,
 a weight given, and (dx) the dropout mask given as keep bits when p > 0, with a ring still
@@ -54,6 +54,8 @@ def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, 
 
     if weight is None or out_dtype != torch.bfloat16 or not _hopper(a) or low.shape[1] not in SUPPORTED_RANKS:
         return False
+    if a.numel() == 0 or weight.numel() == 0:  # no TMA descriptor for an empty tensor: the Triton kernels
+        return False
     if not (_tma_ok(a) and _tma_ok(weight) and _tma_ok(right, _ADAPTER_DTYPES)):
         return False
     if kernel == "base_expand":
@@ -66,23 +68,23 @@ def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, 
 
 def split_applies(x: torch.Tensor, low: torch.Tensor, *, rank_dim: int, deterministic: bool = False) -> bool:
     """Whether ``shrink`` (low = A [r, K], rank_dim 0) or ``da`` (low = dS [M, r], rank_dim 1) runs in Gluon:
-    a Hopper GPU, x bf16 [M, K] row-major with K % 8 == 0, the low-rank operand fp32 or bf16 with its rank
+    a Hopper GPU, x bf16 [M, K] non-empty, row-major with K % 8 == 0, the low-rank operand fp32 or bf16 with its rank
     in ``split_kernels.ROUTED_RANKS``, and (dA) atomics allowed (the deterministic dA is the ``tl`` one)."""
     from .split_kernels import ROUTED_RANKS
 
     return (not deterministic and _hopper(x) and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] % 8 == 0
-            and _tma_rows(x) and low.dtype in _ADAPTER_DTYPES and low.dim() == 2
+            and x.numel() > 0 and _tma_rows(x) and low.dtype in _ADAPTER_DTYPES and low.dim() == 2
             and low.shape[rank_dim] in ROUTED_RANKS and _tma_rows(low))
 
 
 def ds_db_applies(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor, *, deterministic: bool = False) -> bool:
-    """Whether ``ds_db`` runs in Gluon: a Hopper GPU, dY bf16 [M, N] row-major with N % 8 == 0, B [N, r] fp32 or
-    bf16 row-major with r in ``ds_db.SUPPORTED_RANKS``, S [M, r] fp32 or bf16 with unit column stride, and
-    atomics allowed (the deterministic ds_db is the ``tl`` one)."""
+    """Whether ``ds_db`` runs in Gluon: a Hopper GPU, dY bf16 [M, N] non-empty, row-major with N % 8 == 0,
+    B [N, r] fp32 or bf16 row-major with r in ``ds_db.SUPPORTED_RANKS``, S [M, r] fp32 or bf16 with unit
+    column stride, and atomics allowed (the deterministic ds_db is the ``tl`` one)."""
     from .ds_db import SUPPORTED_RANKS
 
     return (not deterministic and _hopper(dy) and dy.dtype == torch.bfloat16 and dy.dim() == 2 and dy.shape[1] % 8 == 0
-            and _tma_rows(dy) and lora_b.dtype in _ADAPTER_DTYPES and lora_b.dim() == 2
+            and dy.numel() > 0 and _tma_rows(dy) and lora_b.dtype in _ADAPTER_DTYPES and lora_b.dim() == 2
             and lora_b.shape[1] in SUPPORTED_RANKS and _tma_rows(lora_b) and s_act.dtype in _ADAPTER_DTYPES
             and s_act.dim() == 2 and s_act.shape[1] == lora_b.shape[1] and s_act.stride(1) == 1)
 

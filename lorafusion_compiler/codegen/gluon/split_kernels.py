@@ -34,7 +34,7 @@ from ..autotune import cdiv, num_sms as sm_count
 from ..kernels import _check_bits, _tma_rows
 from ..launch import launch as launch_kernel
 from .masked_tiles import keep_words, mask_in_place, ring_barriers, ring_loader, store_keep_bits
-from .ws_gemm import _acc_layout, _descriptor_of, _pick
+from .ws_gemm import _acc_layout, _descriptor_of, _pick, check_nonempty
 
 __all__ = ["ROUTED_RANKS", "SUPPORTED_RANKS", "da", "prepare_da", "prepare_shrink", "shrink"]
 
@@ -155,6 +155,7 @@ def _check(x: torch.Tensor, other: torch.Tensor, other_name: str, other_dims: st
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] % 8 or not _tma_rows(x):
         raise ValueError(f"x must be a row-major 2-D bfloat16 [M, K] tensor with K % 8 == 0 and 16-byte aligned rows, "
                          f"got {x.dtype} {tuple(x.shape)} with strides {x.stride()}")
+    check_nonempty("x", x)
     m, k = x.shape
     want = (m, None) if other_dims == "[M, r]" else (None, k)
     if (other.dim() != 2 or other.dtype not in (torch.float32, torch.bfloat16) or not _tma_rows(other)
@@ -217,10 +218,9 @@ def prepare_da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, 
     return (k_blocks, split), args, constexprs, out
 
 
-def _run(launch: Launch, nonempty: bool) -> torch.Tensor:
+def _run(launch: Launch) -> torch.Tensor:
     grid, args, constexprs, out = launch
-    if nonempty:  # TMA descriptors of empty tensors are invalid; the outputs are already right (empty or zero)
-        launch_kernel(_split_kernel, grid, args, constexprs, _OPTIONS)
+    launch_kernel(_split_kernel, grid, args, constexprs, _OPTIONS)
     return out
 
 
@@ -229,15 +229,13 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, 
     """S = dropout(x) Aᵀ -> [M, r] fp32: x [M, K] bf16, A [r, K] fp32 or bf16, r in ``SUPPORTED_RANKS``
     (the mask is never stored). The K-split partial sums are added with fp32 atomics (their order, and so
     S's last bits, may vary between calls) or, ``deterministic``, summed in a fixed order."""
-    m, k = x.shape
-    out = _run(prepare_shrink(x, lora_a, seed, p, deterministic=deterministic), m > 0 and k > 0)
-    s = out[0] if out.shape[0] == 1 else out.sum(0)
-    return s.zero_() if k == 0 else s
+    out = _run(prepare_shrink(x, lora_a, seed, p, deterministic=deterministic))
+    return out[0] if out.shape[0] == 1 else out.sum(0)
 
 
 def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *,
        keep_bits: torch.Tensor | None = None) -> torch.Tensor:
     """dA = dSᵀ (m ⊙ x)/(1-p) -> [r, K] in ``a_dtype``: x [M, K] bf16, dS [M, r] fp32 or bf16, r in
     ``SUPPORTED_RANKS``; with ``keep_bits`` (p > 0) the mask is also stored there, for ``dx``."""
-    out = _run(prepare_da(x, ds, seed, p, keep_bits=keep_bits), x.shape[0] > 0 and x.shape[1] > 0)
+    out = _run(prepare_da(x, ds, seed, p, keep_bits=keep_bits))
     return out if a_dtype == torch.float32 else out.to(a_dtype)

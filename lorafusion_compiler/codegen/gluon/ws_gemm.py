@@ -288,8 +288,17 @@ def _check_operand(name: str, t: torch.Tensor, dims: tuple[str, str]) -> None:
     for dim, size in zip(dims, t.shape):
         if size % 8:
             raise ValueError(f"{dim}={size} ({name}.shape={tuple(t.shape)}) must be a multiple of 8: TMA needs 16-byte aligned rows")
+    check_nonempty(name, t)
     if not _tma_rows(t):
         raise ValueError(f"{name} must be row-major with 16-byte aligned start and rows, got strides {t.stride()}")
+
+
+def check_nonempty(name: str, t: torch.Tensor) -> None:
+    """Raise for a tensor with a zero size: TMA has no descriptor for it, so the Gluon kernels take
+    non-empty operands only (the ``"gluon"`` kernel set sends empty ones to the Triton kernels)."""
+    if t.numel() == 0:
+        raise ValueError(f"{name}.shape={tuple(t.shape)} is empty: the Gluon kernels take non-empty operands "
+                         f"(the \"gluon\" kernel set runs empty ones with the Triton kernels)")
 
 
 def check_operands(a: torch.Tensor, b: torch.Tensor, b_layout: str) -> tuple[int, int, int]:
