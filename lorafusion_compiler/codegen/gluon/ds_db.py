@@ -25,11 +25,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from ..autotune import cdiv, num_sms as sm_count
+from ..autotune import cdiv
 from ..kernels import _tma_rows
 from ..launch import launch as launch_kernel
 from .masked_tiles import ring_barriers, ring_loader
-from .ws_gemm import _acc_layout, _descriptor_of, check_nonempty
+from .split_kernels import split_of
+from .ws_gemm import _acc_layout, _descriptor_of, check_rank, check_rows_operand, check_same_device
 
 __all__ = ["SUPPORTED_RANKS", "ds_db", "prepare_ds_db"]
 
@@ -121,26 +122,19 @@ Launch = tuple[tuple[int, int], tuple, dict, torch.Tensor]
 
 def _check(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor) -> int:
     """Validate the operands; returns the rank."""
-    if dy.dtype != torch.bfloat16 or dy.dim() != 2 or dy.shape[1] % 8 or not _tma_rows(dy):
-        raise ValueError(f"dy must be a row-major 2-D bfloat16 [M, N] tensor with N % 8 == 0 and 16-byte aligned "
-                         f"rows, got {dy.dtype} {tuple(dy.shape)} with strides {dy.stride()}")
-    check_nonempty("dy", dy)
+    check_rows_operand("dy", dy, ("M", "N"))
     m, n = dy.shape
     if (lora_b.dim() != 2 or lora_b.shape[0] != n or lora_b.dtype not in (torch.float32, torch.bfloat16)
             or not _tma_rows(lora_b)):
         raise ValueError(f"lora_b must be a row-major float32 or bfloat16 [N, r] tensor (N={n}) with 16-byte aligned "
                          f"rows, got {lora_b.dtype} {tuple(lora_b.shape)} with strides {lora_b.stride()}")
     r = lora_b.shape[1]
-    if r not in SUPPORTED_RANKS:
-        raise ValueError(f"rank r={r} (from lora_b.shape={tuple(lora_b.shape)}) is not supported; expected one of "
-                         f"{SUPPORTED_RANKS}")
+    check_rank(r, SUPPORTED_RANKS, f"lora_b.shape={tuple(lora_b.shape)}")
     if (s_act.dim() != 2 or tuple(s_act.shape) != (m, r) or s_act.dtype not in (torch.float32, torch.bfloat16)
             or s_act.stride(1) != 1):
         raise ValueError(f"s_act must be a float32 or bfloat16 [M, r] = [{m}, {r}] tensor with unit column stride, "
                          f"got {s_act.dtype} {tuple(s_act.shape)} with strides {s_act.stride()}")
-    devices = {t.device for t in (dy, lora_b, s_act)}
-    if len(devices) > 1:
-        raise ValueError(f"dy, lora_b and s_act must be on one device, got {sorted(map(str, devices))}")
+    check_same_device(dy=dy, lora_b=lora_b, s_act=s_act)
     return r
 
 
@@ -152,7 +146,7 @@ def prepare_ds_db(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor, s
     m, n = dy.shape
     m_blocks = cdiv(m, _BLOCK_M)
     n_tiles = cdiv(n, _BLOCK_N)
-    split = max(1, min(n_tiles, (_PER_SM * (num_sms or sm_count(dy.device))) // max(1, m_blocks)))  # fill the SMs
+    split = split_of(n_tiles, m_blocks, _PER_SM, num_sms, dy.device)
     rp = max(16, r)
     out = torch.zeros((m + n) * r, dtype=torch.float32, device=dy.device)
     args = (_descriptor_of(dy, [_BLOCK_M, _BLOCK_N]), _descriptor_of(lora_b, [_BLOCK_N, rp]), s_act, s_act.stride(0),

@@ -44,7 +44,7 @@ from ..kernels import _check_bits, _tma_rows
 from ..launch import launch as launch_kernel
 from .low_rank_tiles import bits_layout4, keep_mask, store_r
 from .ws_gemm import (_OPTIONS, _SMEM_LIMIT, _acc_layout, _check_operand, _descriptor_of, _epilogue, _pick,
-                      _tile_offsets)
+                      _tile_offsets, check_rank, check_same_device)
 
 __all__ = ["MIN_DX_STAGES", "R_FP32_MAX_RANK", "SUPPORTED_RANKS", "base_expand", "bias_ok", "deep_ring", "dx",
            "fp32_low_is_free", "prepare_base_expand", "prepare_dx"]
@@ -307,11 +307,6 @@ def _stages_and_epi(rank_pad: int, l_bytes: int, bits_tma: bool) -> tuple[int, i
     raise ValueError(f"no ring depth fits shared memory at rank {rank_pad}")
 
 
-def _check_rank(r: int, name: str) -> None:
-    if r not in SUPPORTED_RANKS:
-        raise ValueError(f"rank r={r} (from {name}) is not supported; expected one of {SUPPORTED_RANKS}")
-
-
 def _check_right(name: str, t: torch.Tensor, dims: tuple[str, str]) -> None:
     """B [N, r] or A [r, K]: bf16 as every TMA operand (``ws_gemm._check_operand``), or fp32, 2-D with sizes
     that are multiples of 8 (rounded to bf16 in the kernel, or by a cast first: ``_right_operand``)."""
@@ -329,7 +324,7 @@ def _check_low(name: str, low: torch.Tensor, m: int) -> None:
     ``fp32_low_is_free``, else by a cast before the launch)."""
     if low.dim() != 2 or low.dtype not in (torch.float32, torch.bfloat16) or low.shape[0] != m:
         raise ValueError(f"{name} must be a float32 or bfloat16 [M={m}, r] tensor, got {low.dtype} {tuple(low.shape)}")
-    _check_rank(low.shape[1], f"{name}.shape={tuple(low.shape)}")
+    check_rank(low.shape[1], SUPPORTED_RANKS, f"{name}.shape={tuple(low.shape)}")
     if not _tma_rows(low):
         raise ValueError(f"{name} must be row-major with 16-byte aligned rows, got strides {low.stride()}")
 
@@ -406,12 +401,6 @@ def bias_ok(bias: torch.Tensor | None, n: int) -> bool:
     return bias is None or (bias.dtype == torch.bfloat16 and tuple(bias.shape) == (n,) and bias.stride(0) == 1)
 
 
-def _same_device(**tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"tensors on different devices: {devices}")
-
-
 def _new_out(m: int, n: int, out_dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     if out_dtype != torch.bfloat16:
         raise ValueError(f"out_dtype={out_dtype} is not supported (the Gluon epilogue stores bfloat16)")
@@ -438,7 +427,7 @@ def prepare_base_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         raise ValueError(f"bias must be a contiguous bfloat16 [N={n}] vector, got {bias.dtype} {tuple(bias.shape)}")
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale={scale} must be finite")
-    _same_device(x=x, weight=weight, s_act=s_act, lora_b=lora_b, bias=bias)
+    check_same_device(x=x, weight=weight, s_act=s_act, lora_b=lora_b, bias=bias)
     out = _new_out(m, n, out_dtype, x)
     return _launch_args(x, weight, s_act, lora_b, True, out, bias, None, float(scale), m, n, k, num_sms)
 
@@ -463,7 +452,7 @@ def prepare_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a:
         raise ValueError(f"p={p} with keep_bits={'given' if keep_bits is not None else None}: the Gluon dx reads the "
                          "mask from da's keep bits, which exist exactly when p > 0")
     _check_bits(keep_bits, m, k, p, dy.device)
-    _same_device(dy=dy, weight=weight, ds=ds, lora_a=lora_a, keep_bits=keep_bits)
+    check_same_device(dy=dy, weight=weight, ds=ds, lora_a=lora_a, keep_bits=keep_bits)
     out = _new_out(m, k, out_dtype, dy)
     return _launch_args(dy, weight, ds, lora_a, False, out, None, keep_bits, 1.0 / (1.0 - p), m, k, n, num_sms)
 

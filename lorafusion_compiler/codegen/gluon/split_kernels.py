@@ -34,7 +34,7 @@ from ..autotune import cdiv, num_sms as sm_count
 from ..kernels import _check_bits, _tma_rows
 from ..launch import launch as launch_kernel
 from .masked_tiles import keep_words, mask_in_place, ring_barriers, ring_loader, store_keep_bits
-from .ws_gemm import _acc_layout, _descriptor_of, _pick, check_nonempty
+from .ws_gemm import _acc_layout, _descriptor_of, _pick, check_rank, check_rows_operand, check_same_device
 
 __all__ = ["ROUTED_RANKS", "SUPPORTED_RANKS", "da", "prepare_da", "prepare_shrink", "shrink"]
 
@@ -152,10 +152,7 @@ Launch = tuple[tuple[int, int], tuple, dict, torch.Tensor]
 
 def _check(x: torch.Tensor, other: torch.Tensor, other_name: str, other_dims: str, seed: torch.Tensor, p: float) -> int:
     """Validate x, the low-rank operand and the seed; returns the rank."""
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] % 8 or not _tma_rows(x):
-        raise ValueError(f"x must be a row-major 2-D bfloat16 [M, K] tensor with K % 8 == 0 and 16-byte aligned rows, "
-                         f"got {x.dtype} {tuple(x.shape)} with strides {x.stride()}")
-    check_nonempty("x", x)
+    check_rows_operand("x", x, ("M", "K"))
     m, k = x.shape
     want = (m, None) if other_dims == "[M, r]" else (None, k)
     if (other.dim() != 2 or other.dtype not in (torch.float32, torch.bfloat16) or not _tma_rows(other)
@@ -163,21 +160,18 @@ def _check(x: torch.Tensor, other: torch.Tensor, other_name: str, other_dims: st
         raise ValueError(f"{other_name} must be a row-major float32 or bfloat16 {other_dims} tensor (M={m}, K={k}) with "
                          f"16-byte aligned rows, got {other.dtype} {tuple(other.shape)} with strides {other.stride()}")
     r = other.shape[1] if other_dims == "[M, r]" else other.shape[0]
-    if r not in SUPPORTED_RANKS:
-        raise ValueError(f"rank r={r} (from {other_name}.shape={tuple(other.shape)}) is not supported; expected one of "
-                         f"{SUPPORTED_RANKS}")
+    check_rank(r, SUPPORTED_RANKS, f"{other_name}.shape={tuple(other.shape)}")
     if seed.dtype != torch.int64 or seed.numel() != 1:
         raise ValueError(f"seed must be a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
     dropout_mask.drop_threshold(p)  # raises for p outside [0, 1)
-    devices = {t.device for t in (x, other, seed)}
-    if len(devices) > 1:
-        raise ValueError(f"x, {other_name} and seed must be on one device, got {sorted(map(str, devices))}")
+    check_same_device(x=x, **{other_name: other}, seed=seed)
     return r
 
 
-def _split(tiles: int, programs: int, num_sms: int | None, device: torch.device) -> int:
-    """Programs along the reduction: about ``_PER_SM`` per SM in all, at most one per reduction tile."""
-    return max(1, min(tiles, (_PER_SM * (num_sms or sm_count(device))) // max(1, programs)))
+def split_of(tiles: int, programs: int, per_sm: int, num_sms: int | None, device: torch.device) -> int:
+    """Programs along the reduction for ``programs`` along the other dimension: about ``per_sm`` per SM in
+    all, at most one per reduction tile (``num_sms`` defaults to the device's)."""
+    return max(1, min(tiles, (per_sm * (num_sms or sm_count(device))) // max(1, programs)))
 
 
 def _args(x, other, box, out, bits, seed, p, r, split, da_mode: bool, atomic: bool) -> tuple[tuple, dict]:
@@ -195,7 +189,7 @@ def prepare_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p:
     r = _check(x, lora_a, "lora_a", "[r, K]", seed, p)
     m, k = x.shape
     m_blocks = cdiv(m, _BLOCK_M)
-    split = _split(cdiv(k, _BLOCK_K), m_blocks, num_sms, x.device)
+    split = split_of(cdiv(k, _BLOCK_K), m_blocks, _PER_SM, num_sms, x.device)
     atomic = split > 1 and not deterministic
     if atomic:
         out = torch.zeros(1, m, r, dtype=torch.float32, device=x.device)
@@ -212,7 +206,7 @@ def prepare_da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, 
     m, k = x.shape
     _check_bits(keep_bits, m, k, p, x.device)
     k_blocks = cdiv(k, _BLOCK_K)
-    split = _split(cdiv(m, _BLOCK_M), k_blocks, num_sms, x.device)
+    split = split_of(cdiv(m, _BLOCK_M), k_blocks, _PER_SM, num_sms, x.device)
     out = torch.zeros(r, k, dtype=torch.float32, device=x.device)
     args, constexprs = _args(x, ds, [_BLOCK_M, max(16, r)], out, keep_bits, seed, p, r, split, True, False)
     return (k_blocks, split), args, constexprs, out

@@ -301,6 +301,28 @@ def check_nonempty(name: str, t: torch.Tensor) -> None:
                          f"(the \"gluon\" kernel set runs empty ones with the Triton kernels)")
 
 
+def check_rows_operand(name: str, t: torch.Tensor, dims: tuple[str, str]) -> None:
+    """A non-empty bf16 [dims] tensor streamed in row tiles by TMA: 2-D, row-major with 16-byte aligned rows,
+    the inner size a multiple of 8 (the outer one any size)."""
+    if t.dtype != torch.bfloat16 or t.dim() != 2 or t.shape[1] % 8 or not _tma_rows(t):
+        raise ValueError(f"{name} must be a row-major 2-D bfloat16 [{dims[0]}, {dims[1]}] tensor with {dims[1]} % 8 == 0 "
+                         f"and 16-byte aligned rows, got {t.dtype} {tuple(t.shape)} with strides {t.stride()}")
+    check_nonempty(name, t)
+
+
+def check_rank(r: int, supported: tuple[int, ...], source: str) -> None:
+    """Raise unless rank ``r`` (read from ``source``, e.g. ``"lora_b.shape=(64, 12)"``) is one of ``supported``."""
+    if r not in supported:
+        raise ValueError(f"rank r={r} (from {source}) is not supported; expected one of {supported}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Raise unless the given tensors (None skipped) are on one device, naming each one's device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors on different devices: {devices}")
+
+
 def check_operands(a: torch.Tensor, b: torch.Tensor, b_layout: str) -> tuple[int, int, int]:
     """Validate the operands of ``gemm``; returns (M, N, R)."""
     if b_layout not in ("nt", "nn"):
