@@ -81,17 +81,17 @@ _FMA_SCALE = gl.constexpr(12345)
 """Odd multiplier of ``_KEEP_HALVES_FMA``: |(threshold - 1 - lane) · 12345| < 2³¹ keeps the sign, and ptxas
 keeps a multiply by it an ``IMAD`` (a multiply by ±1 or a power of two becomes an add or a shift)."""
 
-_KEEP_HALVES_FMA = gl.constexpr("""{
+_KEEP_HALVES_FMA = gl.constexpr(f"""{{
     .reg .b32 hi, lo;
     mul.hi.u32 hi, $1, 65536;
-    mad.lo.u32 lo, hi, 809041920, $2;
-    mad.lo.u32 lo, $1, 0xFFFFCFC7, lo;
-    mad.lo.u32 hi, hi, 0xFFFFCFC7, $2;
+    mad.lo.u32 lo, hi, {(_FMA_SCALE.value << 16) & 0xFFFFFFFF}, $2;
+    mad.lo.u32 lo, $1, 0x{-_FMA_SCALE.value & 0xFFFFFFFF:X}, lo;
+    mad.lo.u32 hi, hi, 0x{-_FMA_SCALE.value & 0xFFFFFFFF:X}, $2;
     prmt.b32 $0, lo, hi, 0xFFBB;
-}""")
-"""``_KEEP_HALVES`` with its lane arithmetic on the multiply pipe: $2 = (threshold - 1)·12345; hi = lane 1;
-lo = $2 + 12345·65536·hi − 12345·w = $2 − 12345·lane 0 (mod 2³²; 809041920 = 12345·65536, 0xFFFFCFC7 =
-−12345), hi = $2 − 12345·lane 1; each is negative iff its lane >= threshold. Four ``IMAD`` and a ``PRMT``
+}}""")
+"""``_KEEP_HALVES`` with its lane arithmetic on the multiply pipe: $2 = (threshold - 1)·c with c =
+``_FMA_SCALE``; hi = lane 1; lo = $2 + c·65536·hi − c·w = $2 − c·lane 0 (mod 2³²: the immediates are
+c·65536 and −c as u32), hi = $2 − c·lane 1; each is negative iff its lane >= threshold. Four ``IMAD`` and a ``PRMT``
 instead of one ``IMAD`` and four integer-pipe instructions: the same keep words (bitwise), one pipe
 traded for the other. Measured (H200, 8192×K, r=16, p=0.1, µs): shrink 27.8 → 26.4 (K=4096), 83.2 → 77.0
 (K=14336); dA with keep bits 32.4 → 33.9 and 108.1 → 126.3, its multiply pipe being the busier one, so
