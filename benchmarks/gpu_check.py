@@ -49,7 +49,7 @@ def check(m, k, n, r, p, adapter_dtype, bias: bool, deterministic: bool = False)
     x, w, a, b, dy = operands(m, k, n, r, adapter_dtype=adapter_dtype)
     bb = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
     scale = 32.0 / r
-    y, _s, seed = lora_linear(x, w, bb, a, b, scale, p, torch.bfloat16, "triton", deterministic)
+    y, _s, seed, _bits = lora_linear(x, w, bb, a, b, scale, p, torch.bfloat16, "triton", deterministic)
     y.backward(dy)
     d = torch.float64
     x64, w64, a64, b64, dy64 = x.detach().to(d), w.to(d), a.detach().to(d), b.detach().to(d), dy.to(d)
@@ -79,7 +79,7 @@ def check_graph(m=2048, k=4096, n=4096, r=16, p=0.1) -> float:
     x, w, a, b, dy = operands(m, k, n, r)
 
     def step():
-        y, _, seed = lora_linear(x, w, None, a, b, 2.0, p, torch.bfloat16, "triton", True)
+        y, _, seed, _ = lora_linear(x, w, None, a, b, 2.0, p, torch.bfloat16, "triton", True)
         y.backward(dy)
         return y, seed
 

@@ -223,7 +223,7 @@ def bench(name, counts, ranks, iters, *, profile: bool = False, profile_single: 
         clear_grads()
 
     def single():
-        y, _s, _seed = lora_linear(xs, w, None, a64, b64, 0.25, p, OUT_DTYPE, "triton", False)
+        y, _s, _seed, _bits = lora_linear(xs, w, None, a64, b64, 0.25, p, OUT_DTYPE, "triton", False)
         y.backward(dy)
         clear_grads()
 

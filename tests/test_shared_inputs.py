@@ -116,7 +116,7 @@ def test_op_equals_separate_sites():
     for t in (x, *a_s, *b_s):
         t.grad = None
     for i, (w, b, a, lb, s, dy) in enumerate(zip(ws, bs, a_s, b_s, scales, dys)):
-        y, _s, _seed = lora_linear(x, w, b, a, lb, s, 0.0, torch.float64, "torch", False)
+        y, _s, _seed, _bits = lora_linear(x, w, b, a, lb, s, 0.0, torch.float64, "torch", False)
         assert_rel_close(ys[i], y, 1e-12, f"y of site {i}")
         y.backward(dy)
     for name, g, t in zip(["x", "A0", "A1", "A2", "B0", "B1", "B2"], got, (x, *a_s, *b_s)):

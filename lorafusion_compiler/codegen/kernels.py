@@ -147,8 +147,11 @@ def _lowrank_gemm(
     (``fields["multi"]``): ``low_r``, ``lscale`` and ``threshold`` come per row piece from the
     adapter tables, ``seed`` holds one seed per adapter, and ``route(cfg)`` returns the routing
     arguments (piece table, block index, int64 and fp32 adapter tables) for that tile config.
-    ``bits``: dx's keep bits (``fields["keep_bits"]``).
+    ``bits``: dx's keep bits (``fields["keep_bits"]``). An empty ``out`` (M = 0 or P = 0) launches nothing:
+    there is nothing to compute, and TMA has no descriptor for an empty tensor.
     """
+    if out.numel() == 0:
+        return out
     tma = _tma_ok(x, weight)
     # the epilogue stores through a TMA descriptor too (H100: ~1% faster base_expand / dx at M=4096 with
     # warm L2, level with cold L2; docs/kernel-notes/fused-gemms.md) when out is 16-bit with 16-byte aligned rows: its

@@ -8,15 +8,25 @@ import torch
 
 from . import dense_products as _dense
 from . import kernels as _tl
+from ..ops.dropout_mask import write_keep_bits
 from .kernels import base_expand, dx
 from .multi import multi_backward, multi_forward
 
-__all__ = ["base_expand", "da", "ds_db", "dx", "multi_backward", "multi_forward", "shrink"]
+__all__ = ["base_expand", "da", "ds_db", "dx", "multi_backward", "multi_forward", "saves_keep_bits", "shrink"]
+
+
+def saves_keep_bits(x: torch.Tensor, lora_a: torch.Tensor, p: float, *, deterministic: bool = False) -> bool:
+    """``reference.saves_keep_bits``: never for this set (its dA regenerates the mask as fast as it would
+    read bits, ``docs/kernel-notes/dropout-mask.md``, fifteenth session)."""
+    return False
 
 
 def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, *,
-           deterministic: bool = False) -> torch.Tensor:
-    """``kernels.shrink`` (deterministic either way), a cuBLAS matmul where ``dense_products.applies``."""
+           deterministic: bool = False, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """``kernels.shrink`` (deterministic either way), a cuBLAS matmul where ``dense_products.applies``;
+    ``keep_bits`` are written in torch (``dropout_mask.write_keep_bits``; the Gluon set's fallback)."""
+    if keep_bits is not None:
+        write_keep_bits(keep_bits, seed, p)
     if _dense.applies("shrink", activations=x, rank=lora_a.shape[0], p=p):
         return _dense.shrink(x, lora_a)
     return _tl.shrink(x, lora_a, seed, p, deterministic=deterministic)
@@ -31,8 +41,13 @@ def ds_db(dy: torch.Tensor, lora_b: torch.Tensor, s_act: torch.Tensor, scale: fl
 
 
 def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *,
-       deterministic: bool = False, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
-    """``kernels.da``, a cuBLAS matmul where ``dense_products.applies`` (p = 0: no keep bits to write)."""
+       deterministic: bool = False, keep_bits: torch.Tensor | None = None,
+       stored_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """``kernels.da``, a cuBLAS matmul where ``dense_products.applies`` (p = 0: no keep bits to write). With
+    ``stored_bits`` (the mask shrink stored) the ``tl`` kernel still regenerates the mask from ``seed``:
+    the same mask, as fast as reading the bits there."""
+    if keep_bits is not None and stored_bits is not None:
+        raise ValueError("keep_bits and stored_bits given together: da either stores the mask or reads it; pass one")
     if _dense.applies("da", activations=x, rank=ds.shape[1], p=p):
         return _dense.da(x, ds, a_dtype)
     return _tl.da(x, ds, seed, p, a_dtype, deterministic=deterministic, keep_bits=keep_bits)

@@ -1,8 +1,8 @@
 """The dropout keep-mask, defined once, as a pure function of (seed, element offset).
 
 Every implementation (the torch reference here, the Triton kernels in ``codegen``)
-derives the mask from the same recipe, so a mask is never stored and the torch
-reference reproduces a GPU kernel's mask bit for bit:
+derives the mask from the same recipe, so the torch reference reproduces a GPU kernel's
+mask bit for bit:
 
 * element ``(i, j)`` of a row-major ``[M, K]`` activation has offset ``o = i*K + j``;
 * ``q = o // 8`` is the counter of Philox-4x32 with ``PHILOX_ROUNDS`` (7) rounds
@@ -15,18 +15,21 @@ reference reproduces a GPU kernel's mask bit for bit:
 So the realised drop probability is ``round(p * 65536) / 65536`` (within 7.7e-6 of p),
 and one Philox call serves eight elements.
 
-Inside one backward the dA kernel, which regenerates the mask anyway, can hand it to the dX
-kernel as *keep bits* (``new_keep_bits``: uint8 ``[M, K/8]``, bit ``i`` of byte ``(m, q)``
-= keep of element ``(m, 8q + i)``; only when ``K % 8 == 0``): reading 1 bit per element is
-cheaper than the ~15 integer operations per element of regenerating it. The bits live only
-between dA and dX; nothing is saved for the backward.
+The mask can be handed on as *keep bits* (``new_keep_bits``: uint8 ``[M, K/8]``, bit ``i`` of
+byte ``(m, q)`` = keep of element ``(m, 8q + i)``; only when ``K % 8 == 0``): reading 1 bit per
+element is cheaper than the ~15 integer operations per element of regenerating it. Inside one
+backward the dA kernel, which regenerates the mask anyway, hands it to the dX kernel this way.
+Where a kernel set says so (``saves_keep_bits``: the Gluon set) the forward's shrink stores them
+instead and they are saved for the backward (M·K/8 bytes per layer call), so the mask is computed
+once per step and dA and dX both read it.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["KEEP_BITS_MAX_RANK", "LANES_PER_COUNTER", "PHILOX_ROUNDS", "drop_threshold", "keep_mask", "new_keep_bits", "pack_keep_bits", "philox4x32", "unpack_keep_bits"]
+__all__ = ["KEEP_BITS_MAX_RANK", "LANES_PER_COUNTER", "PHILOX_ROUNDS", "drop_threshold", "keep_mask", "new_keep_bits",
+           "pack_keep_bits", "philox4x32", "unpack_keep_bits", "write_keep_bits"]
 
 LANES_PER_COUNTER = 8
 """Dropout decisions drawn from one Philox-4x32 call (eight 16-bit lanes)."""
@@ -136,3 +139,9 @@ def unpack_keep_bits(bits: torch.Tensor) -> torch.Tensor:
     """uint8 ``[M, K/8]`` keep bits -> boolean ``[M, K]`` mask."""
     shifts = torch.arange(LANES_PER_COUNTER, dtype=torch.int32, device=bits.device)
     return ((bits.to(torch.int32)[..., None] >> shifts) & 1).bool().reshape(bits.shape[0], -1)
+
+
+def write_keep_bits(bits: torch.Tensor, seed: torch.Tensor, p: float) -> None:
+    """Fill ``bits`` (uint8 ``[M, K/8]``) with the keep bits of the ``[M, K]`` mask of ``seed`` and ``p``,
+    in torch (for kernels that cannot store them themselves)."""
+    bits.copy_(pack_keep_bits(keep_mask(seed, p, bits.shape[0], bits.shape[1] * LANES_PER_COUNTER, device=bits.device)))

@@ -1,8 +1,8 @@
 """Which code computes the five split-at-r kernels: the torch reference, generated Triton, or
 generated Triton with the two fused GEMMs in Gluon.
 
-A kernel set is a module exposing ``shrink``, ``base_expand``, ``ds_db``, ``da`` and ``dx``
-with the signatures of ``lorafusion_compiler.ops.reference``.
+A kernel set is a module exposing ``shrink``, ``base_expand``, ``ds_db``, ``da``, ``dx`` and
+``saves_keep_bits`` with the signatures of ``lorafusion_compiler.ops.reference``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ Forward  (two kernels):  S = dropout(x) Aᵀ;   y = x Wᵀ + bias + s·S Bᵀ.
 Backward (three kernels): dS, dB from one pass over dY;  dA = dSᵀ x̃;
                           dX = dY W + m ⊙ (dS A)/(1-p)  (``overlap_backward``: on a GPU
                           dA runs beside dX on a second stream, ``side_stream``).
-Saved for backward: x, S [M,r] and the int64 dropout seed — never the mask or x̃.
+Saved for backward: x, S [M,r], the int64 dropout seed — never x̃ — and, where the kernel set
+stores the mask in the forward (``saves_keep_bits``: the Gluon set at p > 0), its keep bits
+(uint8 [M, K/8], M·K/8 bytes): then the mask is computed once per step, by shrink, and dA and dX
+read it.
 
 The op owns its autograd (``register_autograd``), so AOTAutograd and Inductor treat it
 as one opaque node in the forward and one in the backward graph. Which code computes
@@ -59,6 +62,16 @@ def check_lora_inputs(
     drop_threshold(dropout_p)
 
 
+def _bits_shape(x: Tensor, lora_a: Tensor, dropout_p: float, kernels: str, deterministic: bool) -> tuple[int, int]:
+    """Shape of the keep bits the forward returns: [M, K/8] where the kernel set saves them
+    (``saves_keep_bits``, asked with x as [M, K]), else [0, 0] (none saved)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if get_kernel_set(kernels).saves_keep_bits(x2, lora_a, dropout_p, deterministic=deterministic):
+        return x2.shape[0], k // 8
+    return 0, 0
+
+
 def _new_seed(x: Tensor, dropout_p: float) -> Tensor:
     """A fresh int64 seed on x's device drawn from torch's RNG (no host sync); unused (and not
     initialised: no kernel launch) when p == 0."""
@@ -80,17 +93,20 @@ def lora_linear(
     kernels: str,
     deterministic: bool,
     overlap_backward: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = x Wᵀ + bias + scale·(dropout(x) Aᵀ) Bᵀ for x [..., K]; returns (y [..., N], S [M, r] in
-    ``reference.s_dtype(A.dtype)``, seed []).
+    ``reference.s_dtype(A.dtype)``, seed [], keep bits uint8 [M, K/8] or [0, 0] where the kernel set
+    does not save the mask).
     ``overlap_backward`` is for the backward: on a GPU its dA runs beside dX on a second stream."""
     check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
     impl = get_kernel_set(kernels)
     x2 = x.reshape(-1, x.shape[-1])
     seed = _new_seed(x, dropout_p)
-    s_act = impl.shrink(x2, lora_a, seed, dropout_p, deterministic=deterministic)
+    bits = x.new_empty(_bits_shape(x, lora_a, dropout_p, kernels, deterministic), dtype=torch.uint8)
+    s_act = impl.shrink(x2, lora_a, seed, dropout_p, deterministic=deterministic,
+                        keep_bits=bits if bits.shape[1] else None)
     y = impl.base_expand(x2, weight, bias, s_act, lora_b, scale, out_dtype)
-    return y.reshape(*x.shape[:-1], lora_b.shape[0]), s_act, seed
+    return y.reshape(*x.shape[:-1], lora_b.shape[0]), s_act, seed, bits
 
 
 @lora_linear.register_fake
@@ -98,7 +114,9 @@ def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, out_dtype, kernels, det
     check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
     m = x.numel() // x.shape[-1]
     y = x.new_empty(*x.shape[:-1], lora_b.shape[0], dtype=out_dtype)
-    return y, lora_a.new_empty(m, lora_a.shape[0], dtype=s_dtype(lora_a.dtype)), x.new_empty((), dtype=torch.int64)
+    bits = x.new_empty(_bits_shape(x, lora_a, dropout_p, kernels, deterministic), dtype=torch.uint8)
+    return (y, lora_a.new_empty(m, lora_a.shape[0], dtype=s_dtype(lora_a.dtype)), x.new_empty((), dtype=torch.int64),
+            bits)
 
 
 @torch.library.custom_op("lorafusion::lora_linear_backward", mutates_args=())
@@ -110,6 +128,7 @@ def lora_linear_backward(
     lora_b: Tensor,
     s_act: Tensor,
     seed: Tensor,
+    keep_bits: Tensor,
     scale: float,
     dropout_p: float,
     needs_dx: bool,
@@ -118,41 +137,46 @@ def lora_linear_backward(
     overlap_backward: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dX [..., K] or an empty tensor when ``needs_dx`` is False, dA [r,K], dB [N,r]).
+    ``keep_bits``: the forward's (uint8 [M, K/8], or [0, 0] when it saved none).
     ``overlap_backward``: on a GPU dA runs on a second stream beside dX (``side_stream``)."""
     impl = get_kernel_set(kernels)
     dy2 = dy.reshape(-1, dy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     ds, d_b = impl.ds_db(dy2, lora_b, s_act, scale, deterministic=deterministic)
-    # dA beside dX (side_stream.py): dX regenerates the mask; dA then dX on one stream: dA hands
-    # its regenerated mask to dX as keep bits
+    stored = keep_bits if keep_bits.shape[1] else None
+    # dA beside dX (side_stream.py): dX regenerates the mask (or reads the stored bits); dA then dX on one
+    # stream: dA hands its regenerated mask to dX as keep bits, unless the forward stored them
     stream = side_stream(x.device) if needs_dx and overlap_backward else None
-    bits = new_keep_bits(x2, dropout_p, lora_a.shape[0]) if needs_dx and stream is None else None
+    bits = new_keep_bits(x2, dropout_p, lora_a.shape[0]) if needs_dx and stream is None and stored is None else None
     d_a, d_x = beside(
         stream,
-        lambda: impl.da(x2, ds, seed, dropout_p, lora_a.dtype, deterministic=deterministic, keep_bits=bits),
-        lambda: impl.dx(dy2, weight, ds, lora_a, seed, dropout_p, x.dtype, keep_bits=bits) if needs_dx else None,
+        lambda: impl.da(x2, ds, seed, dropout_p, lora_a.dtype, deterministic=deterministic, keep_bits=bits,
+                        stored_bits=stored),
+        lambda: impl.dx(dy2, weight, ds, lora_a, seed, dropout_p, x.dtype,
+                        keep_bits=stored if stored is not None else bits) if needs_dx else None,
     )
     return (d_x.reshape(x.shape) if needs_dx else x.new_empty(0)), d_a, d_b
 
 
 @lora_linear_backward.register_fake
-def _(dy, x, weight, lora_a, lora_b, s_act, seed, scale, dropout_p, needs_dx, kernels, deterministic, overlap_backward=False):
+def _(dy, x, weight, lora_a, lora_b, s_act, seed, keep_bits, scale, dropout_p, needs_dx, kernels, deterministic,
+      overlap_backward=False):
     d_x = torch.empty_like(x) if needs_dx else x.new_empty(0)
     return d_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, _bias, lora_a, lora_b, scale, dropout_p, _out_dtype, kernels, deterministic, overlap_backward = inputs
-    _y, s_act, seed = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, s_act, seed)
+    _y, s_act, seed, keep_bits = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s_act, seed, keep_bits)
     ctx.options = (scale, dropout_p, kernels, deterministic, overlap_backward)
-    # S and the seed never receive gradients: without this autograd would fill a zero tensor for each
-    # (two kernel launches per backward when the op runs eagerly)
+    # S, the seed and the keep bits never receive gradients: without this autograd would fill a zero tensor
+    # for each (kernel launches per backward when the op runs eagerly)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy, _ds_act, _dseed):
-    x, weight, lora_a, lora_b, s_act, seed = ctx.saved_tensors
+def _backward(ctx, dy, _ds_act, _dseed, _dbits):
+    x, weight, lora_a, lora_b, s_act, seed, keep_bits = ctx.saved_tensors
     scale, dropout_p, kernels, deterministic, overlap_backward = ctx.options
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError(
@@ -163,7 +187,8 @@ def _backward(ctx, dy, _ds_act, _dseed):
         return _pad_grads(ctx)
     needs_dx = ctx.needs_input_grad[0]
     d_x, d_a, d_b = lora_linear_backward(
-        dy, x, weight, lora_a, lora_b, s_act, seed, scale, dropout_p, needs_dx, kernels, deterministic, overlap_backward
+        dy, x, weight, lora_a, lora_b, s_act, seed, keep_bits, scale, dropout_p, needs_dx, kernels, deterministic,
+        overlap_backward,
     )
     return _pad_grads(ctx, (d_x if needs_dx else None), None, None, d_a, d_b)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .dropout_mask import keep_mask, pack_keep_bits, unpack_keep_bits
 
-__all__ = ["dropped_input", "s_dtype", "shrink", "base_expand", "ds_db", "da", "dx"]
+__all__ = ["dropped_input", "s_dtype", "saves_keep_bits", "shrink", "base_expand", "ds_db", "da", "dx"]
 
 
 def s_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
@@ -37,13 +37,25 @@ def dropped_input(x: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dt
     return xd * mask.to(dtype) * (1.0 / (1.0 - p))
 
 
+def saves_keep_bits(x: torch.Tensor, lora_a: torch.Tensor, p: float, *, deterministic: bool = False) -> bool:
+    """Whether the op has ``shrink`` store the mask as keep bits and saves them for ``da`` and ``dx``
+    (``dropout_mask``) instead of regenerating it there: never for this set (torch regenerates it cheaply).
+    A set decides from shapes, dtypes and devices only: the op also asks with fake tensors."""
+    return False
+
+
 def shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float, *,
-           deterministic: bool = False) -> torch.Tensor:
+           deterministic: bool = False, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
     """S = dropout(x) Aᵀ: x [M,K], A [r,K] -> S [M,r] in ``s_dtype(A.dtype)`` (computed in A's dtype).
+    ``keep_bits`` (``dropout_mask.new_keep_bits``): also written with the keep-mask, for ``da`` and ``dx``.
 
     torch code is always deterministic; ``deterministic`` (GPU sets: no atomics) exists for the shared signature.
     """
-    return F.linear(dropped_input(x, seed, p, lora_a.dtype), lora_a).to(s_dtype(lora_a.dtype))
+    mask = None
+    if keep_bits is not None:
+        mask = keep_mask(seed, p, x.shape[0], x.shape[1], device=x.device)
+        keep_bits.copy_(pack_keep_bits(mask))
+    return F.linear(dropped_input(x, seed, p, lora_a.dtype, mask=mask), lora_a).to(s_dtype(lora_a.dtype))
 
 
 def base_expand(
@@ -75,12 +87,17 @@ def ds_db(
 
 def da(
     x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype: torch.dtype, *, deterministic: bool = False,
-    keep_bits: torch.Tensor | None = None,
+    keep_bits: torch.Tensor | None = None, stored_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dA = dSᵀ x̃: dS [M,r], x [M,K] -> [r,K] in ``a_dtype`` (``deterministic`` as in ``ds_db``);
-    ``keep_bits`` (``dropout_mask.new_keep_bits``): also written with the keep-mask, for ``dx``."""
+    ``keep_bits`` (``dropout_mask.new_keep_bits``): also written with the keep-mask, for ``dx``;
+    ``stored_bits``: the keep-mask as ``shrink`` stored it, read instead of regenerated."""
+    if keep_bits is not None and stored_bits is not None:
+        raise ValueError("keep_bits and stored_bits given together: da either stores the mask or reads it; pass one")
     mask = None
-    if keep_bits is not None:
+    if stored_bits is not None:
+        mask = unpack_keep_bits(stored_bits)
+    elif keep_bits is not None:
         mask = keep_mask(seed, p, x.shape[0], x.shape[1], device=x.device)
         keep_bits.copy_(pack_keep_bits(mask))
     return ds.to(a_dtype).t() @ dropped_input(x, seed, p, a_dtype, mask=mask)

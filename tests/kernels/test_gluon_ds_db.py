@@ -123,29 +123,30 @@ def test_the_set_runs_gluon_ds_db_with_a_bf16_s():
     assert torch.allclose(d_b, want_b, rtol=1e-3, atol=1e-3 * want_b.abs().max().item())
 
 
-def test_empty_operands_go_to_the_triton_kernels_and_the_gluon_launchers_reject_them(monkeypatch):
-    """TMA has no descriptor for an empty tensor: the set routes M = 0 or N = 0 to the Triton kernels (which
+def test_empty_operands_go_to_the_triton_kernels_and_the_gluon_launchers_reject_them(monkeypatch, device):
+    """TMA has no descriptor for an empty tensor (operands on the GPU where there is one: the Triton kernels run
+    there): the set routes M = 0 or N = 0 to the Triton kernels (which
     launch nothing and return zeros), and the Gluon launcher names the empty operand."""
     from lorafusion_compiler.codegen.gluon import lora_gemm
     from lorafusion_compiler.codegen.gluon import split_kernels as gsk
 
     monkeypatch.setattr(gks, "_hopper", lambda t: True)
     for m, n in ((0, 64), (40, 0)):
-        dy, b, s = operands(m, n, 16, device="cpu")
+        dy, b, s = operands(m, n, 16, device=device)
         assert not gks.ds_db_applies(dy, b, s)
         d_s, d_b = gks.ds_db(dy, b, s, 2.0)
         assert d_s.shape == (m, 16) and d_b.shape == (n, 16) and not d_s.any() and not d_b.any()
-    dy, b, s = operands(0, 64, 16, device="cpu")
+    dy, b, s = operands(0, 64, 16, device=device)
     with pytest.raises(ValueError, match=r"dy.shape=\(0, 64\) is empty: the Gluon kernels take non-empty operands"):
         gdd.prepare_ds_db(dy, b, s, 2.0, num_sms=132)
-    x, a, seed = dy, torch.randn(16, 64), torch.tensor(3)
+    x, a, seed = dy, torch.randn(16, 64, device=device), torch.tensor(3, device=device)
     assert not gks.split_applies(x, a, rank_dim=0) and not gks.split_applies(x, s, rank_dim=1)
     assert gks.shrink(x, a, seed, 0.1).shape == (0, 16)
     d_a = gks.da(x, s, seed, 0.1, torch.float32)
     assert d_a.shape == (16, 64) and not d_a.any()
     with pytest.raises(ValueError, match=r"x.shape=\(0, 64\) is empty"):
         gsk.prepare_shrink(x, a, seed, 0.1, num_sms=132)
-    w = torch.randn(32, 64).to(BF)
+    w = torch.randn(32, 64, device=device).to(BF)
     assert not gks.gluon_applies("base_expand", a=x, weight=w, low=s, right=b[:32], out_dtype=BF)
     assert gks.base_expand(x, w, None, s, b[:32], 2.0, BF).shape == (0, 32)
     with pytest.raises(ValueError, match=r"x.shape=\(0, 64\) is empty"):

@@ -81,6 +81,51 @@ def test_off_hopper_the_set_runs_the_triton_kernels(device):
     assert torch.equal(gks.shrink(x, a, seed, 0.25), tk.shrink(x, a, seed, 0.25))
 
 
+@pytest.mark.parametrize("change, saves", [
+    ({}, True),
+    ({"p": 0.0}, False),
+    ({"k": 200}, False),  # K % 128 != 0: the Gluon dA could not read the bits by TMA
+    ({"r": 64}, True),
+    ({"r": 128}, False),
+    ({"deterministic": True}, False),  # the deterministic dA is the tl one, which regenerates the mask
+    ({"x_dtype": torch.float16}, False),
+    ({"low_dtype": BF}, True),
+])
+def test_the_forward_saves_keep_bits_where_the_gluon_da_reads_them(monkeypatch, change, saves):
+    monkeypatch.setattr(gks, "_hopper", lambda t: True)
+    x, _ds, a, _ = operands(40, change.get("k", 256), change.get("r", 16), device="cpu",
+                            low_dtype=change.get("low_dtype", torch.float32))
+    x = x.to(change.get("x_dtype", BF))
+    assert gks.saves_keep_bits(x, a, change.get("p", 0.1), deterministic=change.get("deterministic", False)) is saves
+
+
+def test_off_hopper_the_set_still_stores_the_keep_bits_it_is_given(device):
+    if HOPPER:
+        pytest.skip("on Hopper the Gluon shrink stores them (compared below)")
+    x, _ds, a, seed = operands(40, 64, 8, device=device)
+    bits = torch.full((40, 8), 0xA5, dtype=torch.uint8, device=device)
+    s = gks.shrink(x.float(), a, seed, 0.25, keep_bits=bits)
+    assert torch.equal(bits.cpu(), pack_keep_bits(keep_mask(seed.cpu(), 0.25, 40, 64)))
+    assert torch.equal(s, tk.shrink(x.float(), a, seed, 0.25))
+
+
+def test_launchers_take_keep_bits_to_store_or_to_read():
+    x, ds, a, seed = operands(64, 256, 16, device="cpu")
+    bits = torch.zeros(64, 32, dtype=torch.uint8)
+    _grid, _args, constexprs, _out = gsk.prepare_shrink(x, a, seed, 0.1, keep_bits=bits, num_sms=132)
+    assert constexprs["BITS_OUT"] and not constexprs["BITS_IN"]
+    _grid, _args, constexprs, _out = gsk.prepare_da(x, ds, seed, 0.1, stored_bits=bits, num_sms=132)
+    assert constexprs["BITS_IN"] and not constexprs["BITS_OUT"]
+    x200, ds200, _a, _seed = operands(64, 200, 16, device="cpu")  # rows of 25 bytes: no TMA, the mask regenerated
+    stored = torch.zeros(64, 25, dtype=torch.uint8)
+    _grid, _args, constexprs, _out = gsk.prepare_da(x200, ds200, seed, 0.1, stored_bits=stored, num_sms=132)
+    assert not constexprs["BITS_IN"] and not constexprs["BITS_OUT"] and constexprs["DROPOUT"]
+    with pytest.raises(ValueError, match="keep_bits and stored_bits given together"):
+        gsk.prepare_da(x, ds, seed, 0.1, keep_bits=bits, stored_bits=bits.clone(), num_sms=132)
+    with pytest.raises(ValueError, match=r"keep_bits must be a contiguous uint8 \[64, 32\] tensor"):
+        gsk.prepare_shrink(x, a, seed, 0.1, keep_bits=bits[:, :16], num_sms=132)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda x, ds, a, s: gsk.prepare_da(x.float(), ds, s, 0.1, num_sms=132), "x must be a row-major 2-D bfloat16"),
     (lambda x, ds, a, s: gsk.prepare_da(x, ds[:, :12].contiguous(), s, 0.1, num_sms=132), r"rank r=12 .* not supported"),
@@ -102,7 +147,8 @@ def test_launcher_errors_name_the_bad_value(call, message):
 def test_grids_split_the_reduction_to_fill_the_sms():
     x, ds, a, seed = operands(8192, 4096, 16, device="cpu")
     grid, _args, constexprs, out = gsk.prepare_da(x, ds, seed, 0.1, num_sms=132)
-    assert grid == (32, 8) and constexprs["SPLIT"] == 8 and constexprs["DA"] and not constexprs["BITS"]
+    assert grid == (32, 8) and constexprs["SPLIT"] == 8 and constexprs["DA"]
+    assert not constexprs["BITS_OUT"] and not constexprs["BITS_IN"]
     assert out.shape == (16, 4096) and out.dtype == torch.float32 and not out.any()  # atomics add into zeros
     grid, _args, constexprs, out = gsk.prepare_shrink(x, a, seed, 0.1, num_sms=132)
     assert grid == (128, 2) and not constexprs["DA"] and constexprs["ATOMIC"]
@@ -163,3 +209,42 @@ def test_the_set_casts_da_to_the_adapters_dtype_and_takes_bf16_low_rank_operands
     s = gks.shrink(x, a, seed, 0.1)
     s_want = tk.shrink(x, a, seed, 0.1)
     assert s.dtype == torch.float32 and torch.allclose(s, s_want, rtol=1e-2, atol=1e-2 * s_want.float().abs().max().item())
+
+
+@needs_hopper
+@pytest.mark.parametrize("m, k, r", SHAPES)
+def test_gluon_shrink_stores_the_keep_bits_and_da_reads_them(m, k, r):
+    """shrink's keep bits equal the mask's; S is unchanged by storing them; dA reading them matches float64
+    and the dA that regenerates the mask; bits that keep everything give dA(p=0)/(1-p) where dA reads them
+    (K % 128 == 0), so the bits, not the seed, were used."""
+    p = 0.1
+    x, ds, a, seed = operands(m, k, r, device="cuda")
+    bits = new_keep_bits(x, p, r)
+    bits.fill_(0xA5)  # a pattern no correct kernel leaves behind
+    s = gsk.shrink(x, a, seed, p, keep_bits=bits)
+    assert torch.equal(bits.cpu(), pack_keep_bits(keep_mask(seed.cpu(), p, m, k)))
+    s_plain = gsk.shrink(x, a, seed, p)
+    assert torch.allclose(s, s_plain, rtol=1e-5, atol=1e-5 * s_plain.abs().max().item())  # atomics' order only
+    got = gsk.da(x, ds, seed, p, torch.float32, stored_bits=bits)
+    want = ref.da(x.double(), ds.double(), seed, p, torch.float64)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err <= 1e-2, f"dA from stored bits {m}x{k} r={r}: normwise error {err:.2e}"
+    regenerated = gsk.da(x, ds, seed, p, torch.float32)
+    assert torch.allclose(got, regenerated, rtol=1e-5, atol=1e-5 * regenerated.abs().max().item())
+    if gsk.bits_by_tma(bits):
+        keep_all = gsk.da(x, ds, seed, p, torch.float32, stored_bits=torch.full_like(bits, 0xFF))
+        no_dropout = gsk.da(x, ds, seed, 0.0, torch.float32) / (1 - p)
+        assert torch.allclose(keep_all, no_dropout, rtol=1e-4, atol=1e-4 * no_dropout.abs().max().item())
+
+
+@needs_hopper
+def test_the_op_saves_the_shrinks_keep_bits_on_hopper():
+    from lorafusion_compiler.ops.lora_linear import lora_linear
+
+    x, _ds, a, _seed = operands(512, 1024, 16, device="cuda")
+    w = torch.randn(256, 1024, device="cuda", dtype=BF) / 32
+    b = torch.randn(256, 16, device="cuda")
+    _y, _s, seed, bits = lora_linear(x, w, None, a, b, 2.0, 0.1, BF, "gluon", False)
+    assert bits.shape == (512, 128) and torch.equal(bits.cpu(), pack_keep_bits(keep_mask(seed.cpu(), 0.1, 512, 1024)))
+    _y, _s, _seed, bits = lora_linear(x, w, None, a, b, 2.0, 0.1, BF, "triton", False)
+    assert bits.shape == (0, 0)  # the triton set regenerates the mask in dA

@@ -33,7 +33,7 @@ def test_bf16_op_vs_float64(shape, p, kernels):
     a = (torch.randn(r, k, device="cuda") / math.sqrt(k)).requires_grad_()  # PEFT default: fp32 adapters
     b = torch.randn(n, r, device="cuda").requires_grad_()
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    y, _, seed = lora_linear(x, w, bias, a, b, 32.0 / r, p, torch.bfloat16, kernels, False)
+    y, _, seed, _ = lora_linear(x, w, bias, a, b, 32.0 / r, p, torch.bfloat16, kernels, False)
     y.backward(dy)
     d = torch.float64
     s = ref.shrink(x.detach().to(d), a.detach().to(d), seed, p)

@@ -44,7 +44,7 @@ def _operands(m: int, k: int, n: int, r: int):
 def _grads(x, w, a, b, dy, p):
     for t in (x, a, b):
         t.grad = None
-    y, s, seed = lora_linear(x, w, None, a, b, 2.0, p, torch.bfloat16, "triton", True, True)  # deterministic, overlap
+    y, s, seed, _bits = lora_linear(x, w, None, a, b, 2.0, p, torch.bfloat16, "triton", True, True)  # deterministic, overlap
     y.backward(dy)
     return x.grad.clone(), a.grad.clone(), b.grad.clone(), s.detach(), seed
 
@@ -52,7 +52,9 @@ def _grads(x, w, a, b, dy, p):
 def _one_stream_backward(x, w, a, b, dy, s, seed, p):
     """The op's backward without ``overlap_backward``: dA then dX on the current stream, the mask
     handed over as keep bits."""
-    return lora_linear_backward(dy, x.detach(), w, a.detach(), b.detach(), s, seed, 2.0, p, True, "triton", True, False)
+    no_bits = torch.empty(0, 0, dtype=torch.uint8, device=x.device)  # the triton set saves none
+    return lora_linear_backward(dy, x.detach(), w, a.detach(), b.detach(), s, seed, no_bits, 2.0, p, True, "triton",
+                                True, False)
 
 
 @gpu
@@ -93,7 +95,7 @@ def test_captured_backward_replays_the_eager_gradients():
     gc.collect()  # no stale eager autograd graph on the legacy stream in the capture (benchmarks/cuda_graph.py)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y, s, seed = lora_linear(x, w, None, a, b, 2.0, 0.1, torch.bfloat16, "triton", True, True)
+        y, s, seed, _bits = lora_linear(x, w, None, a, b, 2.0, 0.1, torch.bfloat16, "triton", True, True)
         y.backward(dy)
     graph.replay()
     torch.cuda.synchronize()

@@ -112,7 +112,8 @@ def _ds_db_kernel(dy_desc, b_desc, s_ptr, stride_sm, out_ptr, scale, M, N, R, SP
     gl.warp_specialize([
         (_consumer, (dy_bufs, b_bufs, bb, s_rows, ready, empty, s_ptr, stride_sm, out_ptr, scale, M, N, R, fixed,
                      first, stop, SPLIT)),
-        (ring_loader, (dy_desc, b_desc, dy_bufs, b_bufs, ready, empty, fixed, first, stop, SPLIT, False, True)),
+        (ring_loader, (dy_desc, b_desc, dy_bufs, b_bufs, ready, empty, fixed, first, stop, SPLIT, False, True, dy_desc,
+                       dy_bufs, False)),
     ], [1], [LOADER_REGS])
 
 

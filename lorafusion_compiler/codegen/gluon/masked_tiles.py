@@ -11,7 +11,8 @@ The mask's integer work bounds these kernels (they issue it faster than x stream
 so it is kept to a few instructions per element: each Philox round is two 32×32→64-bit multiplies,
 each word becomes a *keep word* (both 16-bit halves 0xFFFF or 0, one ``prmt``), a pair of bf16 is
 masked by one ``and`` with its keep word, and the keep bits are gathered from the keep words with
-masks and one shift (docs/kernel-notes/dropout-mask.md, sixteenth session).
+masks and one shift (docs/kernel-notes/dropout-mask.md, sixteenth session). A tile whose keep bits were
+stored earlier gets the same keep words from them in ~3 instructions each (``keep_words_of_bits``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from ...ops import dropout_mask
 
-__all__ = ["ROUNDS", "keep_words", "mask_in_place", "ring_barriers", "ring_loader", "store_keep_bits", "x_layout",
-           "x_layout3"]
+__all__ = ["ROUNDS", "keep_byte", "keep_words", "keep_words_of_bits", "mask_in_place", "ring_barriers", "ring_loader",
+           "store_keep_bits", "x_layout", "x_layout3"]
 
 ROUNDS = gl.constexpr(dropout_mask.PHILOX_ROUNDS)
 """Philox rounds of the mask (``dropout_mask.PHILOX_ROUNDS``)."""
@@ -130,17 +131,38 @@ def keep_words(seed_ptr, threshold, off_m, off_k, K, ROWS: gl.constexpr, COLS: g
 
 
 @gluon.jit
-def store_keep_bits(k0, k1, k2, k3, bits_ptr, off_m, off_k, M, K, ROWS: gl.constexpr, COLS: gl.constexpr):
-    """Pack the keep words (``keep_words``) into bytes, bit e = lane e (``dropout_mask.pack_keep_bits``), and
-    store them into the uint8 [M, K/8] keep bits. Word j gives bit 2j from its low half and bit 2j + 17 from
-    its high one; folding the upper half-word onto the lower puts lane 2j + 1 at bit 2j + 1."""
+def keep_byte(k0, k1, k2, k3):
+    """The keep bits of a tile as bytes (uint8 [ROWS, COLS/8], layout ``SliceLayout(2, x_layout3)``; bit e =
+    lane e, ``dropout_mask.pack_keep_bits``) from its keep words (``keep_words``). Word j gives bit 2j from its
+    low half and bit 2j + 17 from its high one; folding the upper half-word onto the lower puts lane 2j + 1
+    at bit 2j + 1."""
     u = (k0 & 0x00020001) | (k1 & 0x00080004) | (k2 & 0x00200010) | (k3 & 0x00800040)
-    byte = ((u | (u >> 16)) & 0xFF).to(gl.uint8)
+    return ((u | (u >> 16)) & 0xFF).to(gl.uint8)
+
+
+@gluon.jit
+def store_keep_bits(k0, k1, k2, k3, bits_ptr, off_m, off_k, M, K, ROWS: gl.constexpr, COLS: gl.constexpr):
+    """Store the tile's ``keep_byte`` into the uint8 [M, K/8] keep bits at (off_m, off_k / 8) with one global
+    store per byte (for rows TMA cannot address: K % 128 != 0)."""
+    byte = keep_byte(k0, k1, k2, k3)
     BL: gl.constexpr = gl.SliceLayout(2, x_layout3(ROWS, COLS))
     rows = off_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, BL))
     qs = off_k // 8 + gl.arange(0, COLS // 8, layout=gl.SliceLayout(0, BL))
     ptrs = bits_ptr + gl.expand_dims(rows.to(gl.int64) * (K // 8), 1) + gl.expand_dims(qs, 0)
     gl.store(ptrs, byte, mask=gl.expand_dims(rows < M, 1) & gl.expand_dims(qs < K // 8, 0))
+
+
+@gluon.jit
+def keep_words_of_bits(bits_slot, ROWS: gl.constexpr, COLS: gl.constexpr):
+    """``keep_words`` of a tile from its stored keep bits (uint8 [ROWS, COLS/8] in shared memory, as
+    ``store_keep_bits`` wrote them): bitwise the same four words, ~3 instructions each instead of Philox.
+    u = b | b << 15 puts lane 2j at bit 2j and lane 2j + 1 at bit 2j + 16; (u >> 2j) & 0x10001 keeps those
+    two, and · 0xFFFF spreads each over its 16-bit half."""
+    BL: gl.constexpr = gl.SliceLayout(2, x_layout3(ROWS, COLS))
+    b = bits_slot.load(BL).to(gl.uint32)
+    u = b | (b << 15)
+    return ((u & 0x00010001) * 0xFFFF, ((u >> 2) & 0x00010001) * 0xFFFF, ((u >> 4) & 0x00010001) * 0xFFFF,
+            ((u >> 6) & 0x00010001) * 0xFFFF)
 
 
 @gluon.jit
@@ -175,23 +197,30 @@ def ring_barriers(STAGES: gl.constexpr):
 
 @gluon.jit
 def ring_loader(x_desc, o_desc, x_bufs, o_bufs, ready, empty, fixed, first, stop, step, ALONG_ROWS: gl.constexpr,
-                O_ROWS: gl.constexpr):
+                O_ROWS: gl.constexpr, bits_desc, bits_bufs, BITS_IN: gl.constexpr):
     """TMA producer (1 warp): for t = first, first + step, ... < stop, the x tile and the other operand's tile
     into ring slot i % STAGES. ALONG_ROWS (dA): x at [t·ROWS, fixed], other (dS [M, r]) at [t·ROWS, 0]; else
     x at [fixed, t·COLS] and the other at [0, t·COLS] (shrink: A [r, K]) or, O_ROWS, at [t·COLS, 0]
-    (ds_db: B [N, r] beside dY [M, N] in x's place)."""
+    (ds_db: B [N, r] beside dY [M, N] in x's place). ``BITS_IN`` (dA only): also the x tile's keep bits
+    (uint8 [M, K/8], boxes [ROWS, COLS/8]) into ``bits_bufs``; without it those two are placeholders."""
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     ROWS: gl.constexpr = x_desc.block_type.shape[0]
     COLS: gl.constexpr = x_desc.block_type.shape[1]
+    gl.static_assert(not BITS_IN or ALONG_ROWS)
     i = 0
     for t in range(first, stop, step):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # fresh barriers pass the first lap
         bar = ready.index(s)
-        mbarrier.expect(bar, x_desc.block_type.nbytes + o_desc.block_type.nbytes)
+        if BITS_IN:
+            mbarrier.expect(bar, x_desc.block_type.nbytes + o_desc.block_type.nbytes + bits_desc.block_type.nbytes)
+        else:
+            mbarrier.expect(bar, x_desc.block_type.nbytes + o_desc.block_type.nbytes)
         if ALONG_ROWS:
             tma.async_copy_global_to_shared(x_desc, [t * ROWS, fixed], bar, x_bufs.index(s))
             tma.async_copy_global_to_shared(o_desc, [t * ROWS, 0], bar, o_bufs.index(s))
+            if BITS_IN:
+                tma.async_copy_global_to_shared(bits_desc, [t * ROWS, fixed // 8], bar, bits_bufs.index(s))
         else:
             tma.async_copy_global_to_shared(x_desc, [fixed, t * COLS], bar, x_bufs.index(s))
             if O_ROWS:

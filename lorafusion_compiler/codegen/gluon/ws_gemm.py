@@ -342,7 +342,7 @@ _OPTIONS = {"num_warps": 4}
 """Launch options of the Gluon kernels: 4 warps is the default partition's (one warpgroup); the
 worker partitions add theirs."""
 
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32, torch.int32: gl.int32}
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32, torch.int32: gl.int32, torch.uint8: gl.uint8}
 
 
 @functools.lru_cache(maxsize=None)
