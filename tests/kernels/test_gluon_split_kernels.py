@@ -248,3 +248,22 @@ def test_the_op_saves_the_shrinks_keep_bits_on_hopper():
     assert bits.shape == (512, 128) and torch.equal(bits.cpu(), pack_keep_bits(keep_mask(seed.cpu(), 0.1, 512, 1024)))
     _y, _s, _seed, bits = lora_linear(x, w, None, a, b, 2.0, 0.1, BF, "triton", False)
     assert bits.shape == (0, 0)  # the triton set regenerates the mask in dA
+
+
+@needs_hopper
+def test_compiled_bf16_llama_with_saved_keep_bits_matches_eager(monkeypatch):
+    """The tiny LLaMa (hidden 128: K % 128 == 0 at every site) in bf16, compiled with the Gluon set at p = 0.1,
+    against the eager model drawing the same masks (``SeededDropout``): loss and every adapter gradient; the
+    set was asked for keep bits and said yes (at trace time, with fake tensors, and at run time)."""
+    from helpers import LossOf, compare_compiled_to_eager
+
+    from lorafusion_compiler.product.tiny_llama import TinyLlamaConfig, add_lora, build_tiny_llama
+
+    answers = []
+    real = gks.saves_keep_bits
+    monkeypatch.setattr(gks, "saves_keep_bits", lambda *a, **k: answers.append(real(*a, **k)) or answers[-1])
+    config = TinyLlamaConfig(hidden_size=128, intermediate_size=256)
+    model = add_lora(build_tiny_llama(config, seed=0, dtype=BF).to("cuda"), rank=16, alpha=32, dropout=0.1)
+    ids = torch.randint(0, 256, (2, 128), device="cuda")
+    compare_compiled_to_eager(LossOf(model), ids, inner_backend="inductor", tol=2e-2, options={"kernels": "gluon"})
+    assert answers and all(answers)
