@@ -210,3 +210,26 @@ def test_opcheck_with_and_without_saved_bits(monkeypatch):
         monkeypatch.setattr(reference, "saves_keep_bits", lambda *args, saves=saves, **kw: saves)
         args = (x, w, b, a, bb, 0.5, 0.2, torch.float32, "torch", False)
         torch.library.opcheck(torch.ops.lorafusion.lora_linear.default, args)
+
+
+def test_saved_keep_bits_follow_dynamic_batch_sizes(monkeypatch):
+    """Compiled with dynamic shapes, the fake's bits shape [M, K/8] follows M: three batch sizes through one graph
+    give eager's y and gradients bitwise (the torch set, told to save the bits)."""
+    from lorafusion_compiler.ops import reference
+
+    monkeypatch.setattr(reference, "saves_keep_bits", lambda *args, **kw: True)
+    _x, w, _b, a, bb = _operands((7,), 48, 20, 4, bias=False)
+
+    def layer(x):
+        return torch.ops.lorafusion.lora_linear(x, w, None, a, bb, 1.5, 0.25, torch.float64, "torch", False)[0]
+
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    for m in (7, 13, 29):
+        x = torch.randn(m, 48, dtype=torch.float64, requires_grad=True)
+        runs = []
+        for fn in (compiled, layer):
+            torch.manual_seed(1)
+            y = fn(x)
+            runs.append((y, *torch.autograd.grad(y, (x, a, bb), torch.ones_like(y))))
+        for name, got, want in zip(("y", "dx", "dA", "dB"), *runs):
+            assert torch.equal(got, want), f"{name} at M={m}"
