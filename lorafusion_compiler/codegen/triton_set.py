@@ -8,7 +8,7 @@ import torch
 
 from . import dense_products as _dense
 from . import kernels as _tl
-from ..ops.dropout_mask import write_keep_bits
+from ..ops.dropout_mask import one_bits_role, write_keep_bits
 from .kernels import base_expand, dx
 from .multi import multi_backward, multi_forward
 
@@ -46,8 +46,7 @@ def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype:
     """``kernels.da``, a cuBLAS matmul where ``dense_products.applies`` (p = 0: no keep bits to write). With
     ``stored_bits`` (the mask shrink stored) the ``tl`` kernel still regenerates the mask from ``seed``:
     the same mask, as fast as reading the bits there."""
-    if keep_bits is not None and stored_bits is not None:
-        raise ValueError("keep_bits and stored_bits given together: da either stores the mask or reads it; pass one")
+    one_bits_role(keep_bits, stored_bits)
     if _dense.applies("da", activations=x, rank=ds.shape[1], p=p):
         return _dense.da(x, ds, a_dtype)
     return _tl.da(x, ds, seed, p, a_dtype, deterministic=deterministic, keep_bits=keep_bits)

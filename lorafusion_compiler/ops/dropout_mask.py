@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["KEEP_BITS_MAX_RANK", "LANES_PER_COUNTER", "PHILOX_ROUNDS", "drop_threshold", "keep_mask", "new_keep_bits",
-           "pack_keep_bits", "philox4x32", "unpack_keep_bits", "write_keep_bits"]
+           "one_bits_role", "pack_keep_bits", "philox4x32", "unpack_keep_bits", "write_keep_bits"]
 
 LANES_PER_COUNTER = 8
 """Dropout decisions drawn from one Philox-4x32 call (eight 16-bit lanes)."""
@@ -139,6 +139,14 @@ def unpack_keep_bits(bits: torch.Tensor) -> torch.Tensor:
     """uint8 ``[M, K/8]`` keep bits -> boolean ``[M, K]`` mask."""
     shifts = torch.arange(LANES_PER_COUNTER, dtype=torch.int32, device=bits.device)
     return ((bits.to(torch.int32)[..., None] >> shifts) & 1).bool().reshape(bits.shape[0], -1)
+
+
+def one_bits_role(keep_bits: torch.Tensor | None, stored_bits: torch.Tensor | None) -> None:
+    """Raise unless at most one of dA's bits arguments is given: ``keep_bits`` (dA stores the mask there, for dX)
+    or ``stored_bits`` (dA reads the mask shrink stored)."""
+    if keep_bits is not None and stored_bits is not None:
+        raise ValueError("keep_bits and stored_bits given together: dA either stores the mask (keep_bits) or reads "
+                         "it (stored_bits, written by shrink); pass one")
 
 
 def write_keep_bits(bits: torch.Tensor, seed: torch.Tensor, p: float) -> None:

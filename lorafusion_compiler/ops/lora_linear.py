@@ -62,14 +62,12 @@ def check_lora_inputs(
     drop_threshold(dropout_p)
 
 
-def _bits_shape(x: Tensor, lora_a: Tensor, dropout_p: float, kernels: str, deterministic: bool) -> tuple[int, int]:
-    """Shape of the keep bits the forward returns: [M, K/8] where the kernel set saves them
-    (``saves_keep_bits``, asked with x as [M, K]), else [0, 0] (none saved)."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if get_kernel_set(kernels).saves_keep_bits(x2, lora_a, dropout_p, deterministic=deterministic):
-        return x2.shape[0], k // 8
-    return 0, 0
+def _new_bits(x2: Tensor, lora_a: Tensor, dropout_p: float, kernels: str, deterministic: bool) -> Tensor:
+    """The (uninitialised) keep bits the forward returns for x as [M, K]: uint8 [M, K/8] where the kernel set
+    saves them (``saves_keep_bits``), else [0, 0] (none saved)."""
+    saves = get_kernel_set(kernels).saves_keep_bits(x2, lora_a, dropout_p, deterministic=deterministic)
+    shape = (x2.shape[0], x2.shape[1] // 8) if saves else (0, 0)
+    return x2.new_empty(shape, dtype=torch.uint8)
 
 
 def _new_seed(x: Tensor, dropout_p: float) -> Tensor:
@@ -102,7 +100,7 @@ def lora_linear(
     impl = get_kernel_set(kernels)
     x2 = x.reshape(-1, x.shape[-1])
     seed = _new_seed(x, dropout_p)
-    bits = x.new_empty(_bits_shape(x, lora_a, dropout_p, kernels, deterministic), dtype=torch.uint8)
+    bits = _new_bits(x2, lora_a, dropout_p, kernels, deterministic)
     s_act = impl.shrink(x2, lora_a, seed, dropout_p, deterministic=deterministic,
                         keep_bits=bits if bits.shape[1] else None)
     y = impl.base_expand(x2, weight, bias, s_act, lora_b, scale, out_dtype)
@@ -114,7 +112,7 @@ def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, out_dtype, kernels, det
     check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
     m = x.numel() // x.shape[-1]
     y = x.new_empty(*x.shape[:-1], lora_b.shape[0], dtype=out_dtype)
-    bits = x.new_empty(_bits_shape(x, lora_a, dropout_p, kernels, deterministic), dtype=torch.uint8)
+    bits = _new_bits(x.reshape(-1, x.shape[-1]), lora_a, dropout_p, kernels, deterministic)
     return (y, lora_a.new_empty(m, lora_a.shape[0], dtype=s_dtype(lora_a.dtype)), x.new_empty((), dtype=torch.int64),
             bits)
 

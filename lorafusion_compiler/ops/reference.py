@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dropout_mask import keep_mask, pack_keep_bits, unpack_keep_bits
+from .dropout_mask import keep_mask, one_bits_role, pack_keep_bits, unpack_keep_bits
 
 __all__ = ["dropped_input", "s_dtype", "saves_keep_bits", "shrink", "base_expand", "ds_db", "da", "dx"]
 
@@ -92,8 +92,7 @@ def da(
     """dA = dSᵀ x̃: dS [M,r], x [M,K] -> [r,K] in ``a_dtype`` (``deterministic`` as in ``ds_db``);
     ``keep_bits`` (``dropout_mask.new_keep_bits``): also written with the keep-mask, for ``dx``;
     ``stored_bits``: the keep-mask as ``shrink`` stored it, read instead of regenerated."""
-    if keep_bits is not None and stored_bits is not None:
-        raise ValueError("keep_bits and stored_bits given together: da either stores the mask or reads it; pass one")
+    one_bits_role(keep_bits, stored_bits)
     mask = None
     if stored_bits is not None:
         mask = unpack_keep_bits(stored_bits)

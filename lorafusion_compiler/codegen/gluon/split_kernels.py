@@ -248,9 +248,7 @@ def prepare_da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, 
     """Checks and launch arguments of ``da`` (host work only, as ``prepare_shrink``)."""
     r = _check(x, ds, "ds", "[M, r]", seed, p)
     m, k = x.shape
-    if keep_bits is not None and stored_bits is not None:
-        raise ValueError("keep_bits and stored_bits given together: dA either stores the mask (keep_bits) or reads "
-                         "it (stored_bits, written by shrink); pass one")
+    dropout_mask.one_bits_role(keep_bits, stored_bits)
     _check_bits(keep_bits, m, k, p, x.device)
     _check_bits(stored_bits, m, k, p, x.device)
     k_blocks = cdiv(k, _BLOCK_K)
