@@ -3,8 +3,9 @@
 For each (M, K, N), r=16: the `tl` fused GEMMs of the kernel set (base_expand = x·Wᵀ + s·S·Bᵀ;
 dX = dY·W + m ⊙ dS·A/(1-p) at p=0 and reading keep bits at p=0.1) against cuBLAS x·Wᵀ and dY·W,
 and on Hopper the Gluon kernels (`lorafusion_compiler.codegen.gluon`): the fused base_expand and dX
-of the "gluon" kernel set, and the plain GEMM (both variants, layouts "nt" for x·Wᵀ and "nn" for
-dY·W) as the reference of what a GEMM reaches here. The GPU first runs a burn-in (`timing.burn_in`), then every
+of the "gluon-gemms" kernel set, and the plain GEMM (both variants, layouts "nt" for x·Wᵀ and "nn" for
+dY·W) as the reference of what a GEMM reaches here. These are times at the clocks of a burn-in: for energy,
+which decides at the power cap where a training step runs, see ``power.py gemms``. The GPU first runs a burn-in (`timing.burn_in`), then every
 round times each CUDA graph (5 calls per graph) in a shuffled order; a figure is the median over
 rounds of (kernel ÷ cuBLAS in the same round), with its interquartile range. The Gluon GEMMs are
 checked against cuBLAS's result first (max error ÷ max |cuBLAS|).

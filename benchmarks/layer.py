@@ -42,9 +42,9 @@ def eager_lora(x, w, a, b, scale: float, p: float):
 
 
 def make_layers(scale: float, p: float) -> dict[str, Callable]:
-    """name -> fn(x, w, a, b) for the four variants, and on Hopper a fifth, "gluon": ours with the
-    "gluon" kernel set (the fused GEMMs in warp-specialised Gluon; what ``kernels="auto"`` runs with
-    CUDA graphs on Hopper). "ours" is the "triton" set."""
+    """name -> fn(x, w, a, b) for the four variants, and on Hopper a fifth and sixth, "gluon" and "gluon-gemms":
+    ours with those kernel sets (shrink, dA, dS/dB in Gluon, the second also the fused GEMMs; the first is what
+    ``kernels="auto"`` runs with CUDA graphs on Hopper). "ours" is the "triton" set."""
     compiled = torch.compile(eager_lora, dynamic=False)
     layers = {
         "base": lambda x, w, a, b: F.linear(x, w),
@@ -53,13 +53,19 @@ def make_layers(scale: float, p: float) -> dict[str, Callable]:
         "ours": lambda x, w, a, b: lora_linear(x, w, None, a, b, scale, p, x.dtype, "triton", False)[0],
     }
     if torch.cuda.get_device_capability()[0] == 9:
-        layers["gluon"] = lambda x, w, a, b: lora_linear(x, w, None, a, b, scale, p, x.dtype, "gluon", False)[0]
+        for name in ("gluon", "gluon-gemms"):
+            layers[name] = (lambda x, w, a, b, name=name:
+                            lora_linear(x, w, None, a, b, scale, p, x.dtype, name, False)[0])
     return layers
+
+
+_SHORT = {"eager": "eag", "inductor": "ind", "ours": "our", "gluon": "glu", "gluon-gemms": "ggm"}
+"""Column labels of the printed rows."""
 
 
 def _compared(row: dict) -> list[str]:
     """The LoRA variants a row holds, in table order."""
-    return [name for name in ("eager", "inductor", "ours", "gluon") if name in row]
+    return [name for name in ("eager", "inductor", "ours", "gluon", "gluon-gemms") if name in row]
 
 
 def _inputs(m: int, k: int, n: int, r: int, sets: int, dtype=torch.bfloat16):
@@ -158,14 +164,14 @@ def _fmt(row) -> str:
         s += f" | {name} {row[name] / base:5.2f}"
     if "ours_graph" in row:
         s += " || graphed/base: " + " ".join(
-            f"{nm[:3]} {row[nm + '_graph'] / row['base_graph']:4.2f}" for nm in _compared(row))
+            f"{_SHORT[nm]} {row[nm + '_graph'] / row['base_graph']:4.2f}" for nm in _compared(row))
     if "ours_sus" in row:
         s += f" || sustained/base ({row['base_sus']:.3f} ms): " + " ".join(
-            f"{nm[:3]} {row[nm + '_sus'] / row['base_sus']:4.2f}" for nm in _compared(row))
+            f"{_SHORT[nm]} {row[nm + '_sus'] / row['base_sus']:4.2f}" for nm in _compared(row))
     if "ours_fwd" in row:
-        s += " || fwd/base: " + " ".join(f"{nm[:3]} {row[nm + '_fwd'] / row['base_fwd']:4.2f}" for nm in _compared(row))
+        s += " || fwd/base: " + " ".join(f"{_SHORT[nm]} {row[nm + '_fwd'] / row['base_fwd']:4.2f}" for nm in _compared(row))
     if "ours_mem" in row:
-        s += " || saved MiB: " + " ".join(f"{nm[:3]} {row[nm + '_mem'] / 2**20:7.1f}" for nm in _compared(row))
+        s += " || saved MiB: " + " ".join(f"{_SHORT[nm]} {row[nm + '_mem'] / 2**20:7.1f}" for nm in _compared(row))
     return s
 
 

@@ -41,13 +41,13 @@ def _triton_available() -> bool:
 
 
 GLUON_TRITON_VERSIONS = ("3.6.",)
-"""Triton releases whose Gluon API the ``"gluon"`` kernels were validated on (on an H200); Gluon is
+"""Triton releases whose Gluon API the Gluon kernels were validated on (on an H200); Gluon is
 experimental and changes between releases, so ``"auto"`` stays with Triton elsewhere (``kernels="gluon"``
-still forces it)."""
+or ``"gluon-gemms"`` still force them)."""
 
 
 def _gluon_available(device: torch.device) -> bool:
-    """A Hopper GPU, and a Triton whose Gluon API the ``"gluon"`` kernels were validated on."""
+    """A Hopper GPU, and a Triton whose Gluon API the Gluon kernels were validated on."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] != 9:
         return False
     try:
@@ -64,8 +64,9 @@ def kernel_set_for(x: torch.Tensor | None, adapter_dtype: torch.dtype | None, co
     whose adapters are ``adapter_dtype``: ``config.kernels`` unless it is ``"auto"``, which picks
     ``"torch"`` off CUDA (or without Triton), ``"gluon"`` for bf16 activations on a Hopper GPU when
     the step is CUDA-graph replayed (``config.cudagraphs``), and ``"triton"`` otherwise. Without
-    graphs the Gluon launches' extra host work (TMA descriptors, bf16 copies of fp32 adapters)
-    outweighs their faster GEMMs (BENCHMARKS.md, fourteenth session)."""
+    graphs the Gluon launches' extra host work (TMA descriptors) outweighs their faster kernels
+    (BENCHMARKS.md, fourteenth session). Never ``"gluon-gemms"``: at the power cap of a training
+    step its GEMMs are slower (BENCHMARKS.md, twenty-second session)."""
     if config.kernels != "auto":
         return config.kernels
     on_cuda = x is not None and x.device.type == "cuda"

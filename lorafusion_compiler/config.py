@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = ["LoRAFusionConfig", "KERNEL_CHOICES"]
 
-KERNEL_CHOICES = ("auto", "triton", "gluon", "torch")
+KERNEL_CHOICES = ("auto", "triton", "gluon", "gluon-gemms", "torch")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -35,10 +35,12 @@ class LoRAFusionConfig:
     CUDA tensors of fp16/bf16/fp32 when Triton imports, torch otherwise, and ``"gluon"`` instead of
     Triton for bf16 on a Hopper GPU when ``cudagraphs`` is on (and Triton is a release the Gluon
     kernels were validated on, ``backend.GLUON_TRITON_VERSIONS``). ``"gluon"``: the Triton kernels with
-    the two fused GEMMs (base_expand, dX) run by warp-specialised Gluon kernels on Hopper wherever
-    they apply (bf16, ranks 8–64; ``codegen/gluon/kernel_set.py``): 0.99–1.00× cuBLAS per GEMM on an
-    H200 against 1.01–1.30× for Triton's, but more host work per launch, so it pays only when the
-    step is CUDA-graph replayed (BENCHMARKS.md)."""
+    the memory-bound ones (shrink, dA, dS/dB) in Gluon on Hopper where they apply (bf16, ranks ≤ 64)
+    and, at p > 0, the dropout mask computed once per step (``codegen/gluon/kernel_set.py``); more host
+    work per launch, so it pays only when the step is CUDA-graph replayed. ``"gluon-gemms"``: ``"gluon"``
+    with the two fused GEMMs (base_expand, dX) in warp-specialised Gluon too (``codegen/gluon/gemm_set.py``):
+    0.99–1.00× cuBLAS per GEMM on a cool H200, but at the GPU's power cap, where a training step runs,
+    they spend more energy than Triton's and the step is slower (BENCHMARKS.md, twenty-second session)."""
 
     rewrite: bool = True
     """Rewrite matched LoRA sites. False only analyses (explain still lists the sites)."""
@@ -58,12 +60,13 @@ class LoRAFusionConfig:
     outputs of one step are overwritten by the next: clone what you keep (e.g. ``loss.item()``
     or ``loss.detach().clone()``) and zero gradients with ``set_to_none=True``."""
 
-    share_inputs: bool = False
-    """Experimental. LoRA sites without dropout that read the same input (a block's q/k/v, and
-    gate/up) become one ``lorafusion::lora_linear_shared`` op: their A matrices are stacked so
-    one shrink and one dA kernel read x once for all of them instead of once per site. Same
-    results as separate sites; on an H100 it has not yet been faster (docs/backend.md), hence
-    off by default."""
+    share_inputs: bool = True
+    """LoRA sites without dropout that read the same input (a block's q/k/v, and gate/up) become one
+    ``lorafusion::lora_linear_shared`` op: their A matrices are stacked so one shrink and one dA
+    kernel read x once for all of them instead of once per site. Same results as separate sites, up
+    to rounding. On by default since the twenty-second session: the 8-layer LLaMa-8B step at p = 0 ran
+    0.4–1.1% faster with it at the H200's power cap (BENCHMARKS.md); before, round-robin timing on an
+    H100 could not resolve a gain."""
 
     overlap_backward: bool = False
     """Experimental. On a GPU, each LoRA site's backward runs its memory-bound dA kernel on a

@@ -4,8 +4,8 @@ Layout: ``<dump_dir>/<spec key>/<kernel>.py`` (one file per generated Triton ker
 byte-identical to what is compiled) and ``<dump_dir>/manifest.json``: one entry per
 matched site with its module path, kernel set, specialization key and kernel files.
 Sites on the torch kernel set have no generated source; the manifest says so. Sites on the
-``"gluon"`` set list the same Triton sources and a note: where the Gluon GEMMs apply, base_expand
-and dx run from ``codegen/gluon/lora_gemm.py`` (plain Python source, not rendered). A site of a
+``"gluon"`` and ``"gluon-gemms"`` sets list the same Triton sources and a note naming the Gluon
+modules (plain Python source, not rendered) that run some kernels where they apply. A site of a
 shared-input group (``share_inputs``) runs the group's shrink and dA, specialised for the
 group's total rank: its entry names those files and the ``shared_rank``.
 """
@@ -21,6 +21,15 @@ from pathlib import Path
 from .passes.lora_pattern import LoRASite
 
 __all__ = ["dump_kernels", "spec_for_site"]
+
+_GLUON_SPLIT_NOTE = ("shrink and dA run from lorafusion_compiler/codegen/gluon/split_kernels.py and dS/dB from "
+                     "codegen/gluon/ds_db.py where they apply")
+_GLUON_NOTES = {
+    "gluon": _GLUON_SPLIT_NOTE + ", else as the files listed",
+    "gluon-gemms": _GLUON_SPLIT_NOTE + ", base_expand and dx from codegen/gluon/lora_gemm.py where they apply, "
+                   "else as the files listed",
+}
+"""The manifest's note for a site on a Gluon kernel set: which kernels may run from which Gluon module."""
 
 
 def _dtype_name(dtype) -> str:
@@ -87,7 +96,7 @@ def dump_kernels(dump_dir: str | os.PathLike, sites: list[LoRASite], kernels: li
             "dropout_p": site.dropout_p,
             "fused_base": site.fused_base,
         }
-        if kernel_set in ("triton", "gluon"):
+        if kernel_set != "torch":
             from .codegen import rank_bucket
 
             spec = spec_for_site(site, deterministic=deterministic)
@@ -97,9 +106,8 @@ def dump_kernels(dump_dir: str | os.PathLike, sites: list[LoRASite], kernels: li
                 files.update(_write_sources(root, group_spec, ("shrink", "da")))
                 entry.update(shared_rank=shared_rank[i])
             entry.update(specialization=spec.key, files=files)
-            if kernel_set == "gluon":
-                entry.update(note="base_expand and dx run as Gluon kernels where they apply "
-                                  "(lorafusion_compiler/codegen/gluon/lora_gemm.py), else as the files listed")
+            if kernel_set.startswith("gluon"):
+                entry.update(note=_GLUON_NOTES[kernel_set])
         else:
             entry.update(specialization=None, files={}, note="torch reference ops (lorafusion_compiler/ops/reference.py); no generated source")
         manifest["sites"].append(entry)

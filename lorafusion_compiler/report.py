@@ -27,7 +27,7 @@ class ExplainReport:
     matched: list[LoRASite] = field(default_factory=list)
     skipped: list[SkippedLinear] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)
-    """Kernel set used for each matched site (``"triton"``, ``"gluon"`` or ``"torch"``)."""
+    """Kernel set used for each matched site (``"triton"``, ``"gluon"``, ``"gluon-gemms"`` or ``"torch"``)."""
     shared: list[list[str]] = field(default_factory=list)
     """Module paths of each group of sites rewritten into one shared-input op (``share_inputs``)."""
     graphs: int = 0

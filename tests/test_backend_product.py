@@ -93,7 +93,7 @@ def test_cli_bad_value_is_named(capsys):
     assert "steps=0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kernels", ["triton", "gluon"])
+@pytest.mark.parametrize("kernels", ["triton", "gluon", "gluon-gemms"])
 def test_dump_dir_writes_sources_and_manifest(tmp_path, kernels):
     import json
 
@@ -103,7 +103,9 @@ def test_dump_dir_writes_sources_and_manifest(tmp_path, kernels):
     (entry,) = manifest["sites"]
     assert entry["kernels"] == kernels and entry["rank"] == 2 and entry["module_path"] == ""
     assert entry["files"], entry
-    assert ("codegen/gluon/lora_gemm.py" in entry.get("note", "")) == (kernels == "gluon")
+    note = entry.get("note", "")
+    assert ("codegen/gluon/split_kernels.py" in note) == kernels.startswith("gluon")
+    assert ("codegen/gluon/lora_gemm.py" in note) == (kernels == "gluon-gemms")
     for name, rel in entry["files"].items():
         source = (tmp_path / rel).read_text()
         assert "@triton.jit" in source and entry["specialization"] in rel, name
@@ -144,9 +146,9 @@ def test_auto_kernel_choice_per_device_and_dtype():
 
 
 @pytest.mark.parametrize("capability, graphs, dtype, expected", [
-    ((9, 0), True, torch.bfloat16, "gluon"),      # Hopper, graph-replayed, bf16: the Gluon GEMMs
+    ((9, 0), True, torch.bfloat16, "gluon"),      # Hopper, graph-replayed, bf16: the Gluon split kernels
     ((9, 0), False, torch.bfloat16, "triton"),    # without graphs their host work costs more than they save
-    ((9, 0), True, torch.float16, "triton"),      # the Gluon GEMMs are bf16 only
+    ((9, 0), True, torch.float16, "triton"),      # the Gluon kernels are bf16 only
     ((8, 0), True, torch.bfloat16, "triton"),     # not Hopper
     ((10, 0), True, torch.bfloat16, "triton"),
 ])
@@ -182,6 +184,7 @@ def test_auto_keeps_triton_on_a_triton_whose_gluon_was_not_validated(monkeypatch
         x = torch.empty(4, 8, device="cuda", dtype=torch.bfloat16)
     assert kernel_set_for(x, torch.float32, LoRAFusionConfig(cudagraphs=True)) == "triton"
     assert kernel_set_for(x, torch.float32, LoRAFusionConfig(cudagraphs=True, kernels="gluon")) == "gluon"
+    assert kernel_set_for(x, torch.float32, LoRAFusionConfig(cudagraphs=True, kernels="gluon-gemms")) == "gluon-gemms"
 
 
 @pytest.mark.parametrize("graphs", [True, False])

@@ -75,3 +75,66 @@ def test_cast_variant_records_its_steps_with_the_gemms_casting_fp32_operands(mon
     e2e.build_step(0.1, "ours+cast+cg", 1)(None)
     e2e.build_step(0.1, "ours+cg", 1)(None)
     assert seen == [0, default] and lora_gemm.R_FP32_MAX_RANK == default
+
+
+def test_sustained_times_each_variant_in_phases_and_takes_the_median_round(monkeypatch, capsys):
+    """``--sustained S --rounds R``: all variants built first, then R rounds in which every variant runs
+    back to back for S seconds (``power.run_phase``); a row's ms is the median of its phase medians."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import e2e
+    import power
+
+    monkeypatch.setattr(e2e, "build_step", lambda p, variant, layers: lambda ids: None)
+    monkeypatch.setattr(e2e, "new_ids", lambda args: torch.zeros(1, 8, dtype=torch.long))
+    for name, value in (("memory_allocated", lambda: 0), ("max_memory_allocated", lambda: 2**30),
+                        ("synchronize", lambda: None), ("reset_peak_memory_stats", lambda: None),
+                        ("get_device_name", lambda: "mock")):
+        monkeypatch.setattr(torch.cuda, name, value)
+    phase_us = {"(None, 'floor+cg')": [70e3, 71e3, 69e3], "(0.0, 'ours+cg')": [74e3, 80e3, 73e3]}
+    calls = []
+
+    def fake_phase(name, call, *, seconds, sync_every):
+        assert seconds == 1.5 and sync_every == 3
+        call()
+        calls.append(name)
+        us = phase_us[name][sum(1 for c in calls if c == name) - 1]
+        return power.Phase(name, 0.0, 1.0, [us, us + 10.0, us - 10.0])
+
+    monkeypatch.setattr(power, "run_phase", fake_phase)
+    monkeypatch.setattr(sys, "argv", ["e2e.py", "--layers", "1", "--tokens", "8", "--seq", "8", "--dropout", "0.0",
+                                      "--variants", "floor+cg", "ours+cg", "--sustained", "1.5", "--rounds", "3"])
+    e2e.main()
+    assert calls == list(phase_us) * 3  # round after round, every variant once per round
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["ms"] for r in rows] == [70.0, 74.0]
+    assert rows[1]["floor_ratio"] == 70.0 / 74.0
+
+
+def test_sustained_rejects_a_phase_too_short_to_sample(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import e2e
+    import pytest
+
+    monkeypatch.setattr(sys, "argv", ["e2e.py", "--sustained", "0.1"])
+    with pytest.raises(SystemExit):
+        e2e.main()
+
+
+def test_variant_names_set_the_backend_options(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import e2e
+
+    seen = []
+
+    class Base(torch.nn.Linear):
+        def get_input_embeddings(self):
+            return self
+    monkeypatch.setattr(e2e, "make_step", lambda *a, **k: None)
+    monkeypatch.setattr(e2e, "build_base", lambda layers: Base(4, 4))
+    monkeypatch.setattr(e2e, "with_lora", lambda model, **k: model)
+    monkeypatch.setattr(torch, "compile", lambda model, **k: seen.append(k.get("options")) or model)
+    for variant in ("ours+cg", "ours+noshare+gluon-gemms+cg", "ours+gluon+ovl", "ours+triton+cg"):
+        e2e.build_step(0.0, variant, 1)
+    assert [(o["kernels"], o["share_inputs"], o["overlap_backward"], o["cudagraphs"]) for o in seen] == [
+        ("auto", True, False, True), ("gluon-gemms", False, False, True), ("gluon", True, True, False),
+        ("triton", True, False, True)]

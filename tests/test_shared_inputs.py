@@ -62,10 +62,11 @@ _INTERPRETED = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=_INTERPRETED)])
 def test_block_groups_qkv_and_gate_up(kernels):
+    """share_inputs is on by default."""
     _GRAPHS.clear()
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
     report = compare_compiled_to_eager(_peft_block(0.0), x, inner_backend="lorafusion_test_keep_graph",
-                                       options={"share_inputs": True, "kernels": kernels})
+                                       options={"kernels": kernels})
     assert _groups(report) == [["q", "k", "v", "k"], ["gate", "up"]]
     assert _count(torch.ops.lorafusion.lora_linear_shared.default) == 2
     assert _count(torch.ops.lorafusion.lora_linear.default) == 1  # o reads its own input
@@ -83,7 +84,7 @@ def test_overlap_backward_option_reaches_every_op():
     assert len(ops) == 3 and all(node.args[-1] is True for node in ops), [node.args[-1] for node in ops]
 
 
-@pytest.mark.parametrize("options, p", [({"share_inputs": True}, 0.1), ({}, 0.0)], ids=["dropout", "option_off"])
+@pytest.mark.parametrize("options, p", [({}, 0.1), ({"share_inputs": False}, 0.0)], ids=["dropout", "option_off"])
 def test_no_group_with_dropout_or_without_the_option(options, p):
     _GRAPHS.clear()
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)

@@ -47,7 +47,7 @@ def select_multi_kernels(gm: fx.GraphModule, choose: Callable[[torch.Tensor | No
         args = list(node.args)
         args[MULTI_KERNELS_ARG] = choose(args[0].meta.get("example_value"), args[3][0].meta.get("example_value"))
         rows, m = args[_ROWS_ARG], _row_count(args[0])
-        if args[MULTI_KERNELS_ARG] in ("triton", "gluon") and args[MULTI_ROUTING_ARG] is None and m is not None:
+        if args[MULTI_KERNELS_ARG] != "torch" and args[MULTI_ROUTING_ARG] is None and m is not None:
             key = (rows, str(m))
             if key not in routing:
                 with gm.graph.inserting_before(node):

@@ -9,6 +9,7 @@ import torch
 
 from lorafusion_compiler.codegen import kernels as tk
 from lorafusion_compiler.codegen.gluon import ds_db as gdd
+from lorafusion_compiler.codegen.gluon import gemm_set
 from lorafusion_compiler.codegen.gluon import kernel_set as gks
 from lorafusion_compiler.ops import reference as ref
 
@@ -147,7 +148,7 @@ def test_empty_operands_go_to_the_triton_kernels_and_the_gluon_launchers_reject_
     with pytest.raises(ValueError, match=r"x.shape=\(0, 64\) is empty"):
         gsk.prepare_shrink(x, a, seed, 0.1, num_sms=132)
     w = torch.randn(32, 64, device=device).to(BF)
-    assert not gks.gluon_applies("base_expand", a=x, weight=w, low=s, right=b[:32], out_dtype=BF)
-    assert gks.base_expand(x, w, None, s, b[:32], 2.0, BF).shape == (0, 32)
+    assert not gemm_set.gluon_applies("base_expand", a=x, weight=w, low=s, right=b[:32], out_dtype=BF)
+    assert gemm_set.base_expand(x, w, None, s, b[:32], 2.0, BF).shape == (0, 32)
     with pytest.raises(ValueError, match=r"x.shape=\(0, 64\) is empty"):
         lora_gemm.prepare_base_expand(x, w, None, s, b[:32], 2.0, BF, num_sms=132)

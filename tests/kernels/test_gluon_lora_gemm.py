@@ -1,7 +1,7 @@
-"""The Gluon fused GEMMs (codegen/gluon/lora_gemm.py) and the "gluon" kernel set.
+"""The Gluon fused GEMMs (codegen/gluon/lora_gemm.py) and the "gluon-gemms" kernel set that runs them.
 
 Any machine: which calls the kernel set sends to Gluon (``gluon_applies``), the launchers' argument
-checks, and that off Hopper the set is exactly the "triton" one. On a Hopper GPU: base_expand and
+checks, that off Hopper the set is exactly the "triton" one, and that the "gluon" set keeps the Triton GEMMs. On a Hopper GPU: base_expand and
 dx (p = 0 and reading keep bits) against a float64 reference, bitwise against the Triton kernels,
 and the kernel set inside the op's forward and backward."""
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lorafusion_compiler.codegen import kernels as tk
-from lorafusion_compiler.codegen.gluon import kernel_set as gks
+from lorafusion_compiler.codegen.gluon import gemm_set as gks
+from lorafusion_compiler.codegen.gluon import kernel_set as gluon_set
 from lorafusion_compiler.codegen.gluon import lora_gemm
 from lorafusion_compiler.ops import get_kernel_set, lora_linear
 from lorafusion_compiler.ops.dropout_mask import new_keep_bits, unpack_keep_bits
@@ -32,9 +33,18 @@ def operands(m, k, n, r, *, device, dtype=BF, adapter_dtype=None, seed=0):
 
 
 def test_the_kernel_set_is_registered_with_the_triton_multi_adapter_launchers():
-    ks = get_kernel_set("gluon")
+    ks = get_kernel_set("gluon-gemms")
     assert ks is gks and all(callable(getattr(ks, f)) for f in ("shrink", "base_expand", "ds_db", "da", "dx"))
     assert ks.multi_forward is tk.multi_forward and ks.multi_backward is tk.multi_backward
+    # everything but the two fused GEMMs is the "gluon" set's
+    for name in ("shrink", "ds_db", "da", "saves_keep_bits"):
+        assert getattr(ks, name) is getattr(gluon_set, name), name
+
+
+def test_the_gluon_set_runs_the_triton_sets_fused_gemms():
+    """At the power cap the tl GEMMs take less energy than these (BENCHMARKS.md, twenty-second session)."""
+    ks = get_kernel_set("gluon")
+    assert ks is gluon_set and ks.base_expand is tk.base_expand and ks.dx is tk.dx
 
 
 @pytest.mark.parametrize("change, applies", [
@@ -229,14 +239,14 @@ def test_the_set_with_fp32_adapters_equals_the_triton_kernels_bitwise(p):
 
 @needs_hopper
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_op_with_the_gluon_set_matches_the_triton_set(p):
+def test_op_with_the_gluon_gemms_set_matches_the_triton_set(p):
     t = operands(2048, 1024, 1536, 16, device="cuda")
     grads = {}
-    for kernels in ("triton", "gluon"):
+    for kernels in ("triton", "gluon-gemms"):
         torch.manual_seed(5)  # the op draws its dropout seed from the RNG: the same mask for both sets
         x, a, b = (t[key].clone().requires_grad_() for key in ("x", "a", "b"))
         y = lora_linear(x, t["w"], t["bias"], a, b, 2.0, p, BF, kernels, False)[0]
         y.backward(t["dy"])
         grads[kernels] = (y, x.grad, a.grad, b.grad)
-    for name, got, want in zip(("y", "dX", "dA", "dB"), grads["gluon"], grads["triton"]):
+    for name, got, want in zip(("y", "dX", "dA", "dB"), grads["gluon-gemms"], grads["triton"]):
         assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.float().abs().max().item()), name

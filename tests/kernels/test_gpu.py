@@ -22,7 +22,7 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("kernels", ["triton", "gluon"])
+@pytest.mark.parametrize("kernels", ["triton", "gluon", "gluon-gemms"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_bf16_op_vs_float64(shape, p, kernels):

@@ -152,19 +152,19 @@ def test_strided_inputs(device):
 
 
 def test_op_autograd_3d_input(device):
-    """The custom op with kernels="triton" and "gluon" (off Hopper: the same Triton kernels): 3-D x,
+    """The custom op with kernels="triton", "gluon" and "gluon-gemms" (off Hopper: the same Triton kernels): 3-D x,
     grads of x, A, B against the torch kernel set."""
     from lorafusion_compiler.ops.lora_linear import lora_linear
 
     t = make(2 * 19, 40, 24, 8, torch.float32, device, bias=True)
     grads = {}
-    for impl in ("triton", "gluon", "torch"):
+    for impl in ("triton", "gluon", "gluon-gemms", "torch"):
         x = t["x"].reshape(2, 19, 40).clone().requires_grad_()
         a, b = t["a"].clone().requires_grad_(), t["b"].clone().requires_grad_()
         y, _, seed, _ = lora_linear(x, t["w"], t["bias"], a, b, 2.0, 0.0, torch.float32, impl, False)
         y.backward(t["dy"].reshape(2, 19, 24))
         grads[impl] = (y, x.grad, a.grad, b.grad)
-    for impl in ("triton", "gluon"):
+    for impl in ("triton", "gluon", "gluon-gemms"):
         for got, want in zip(grads[impl], grads["torch"]):
             assert got.shape == want.shape and rel(got, want) < 1e-5, impl
 

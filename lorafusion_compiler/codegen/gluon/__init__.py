@@ -7,9 +7,11 @@ cannot express on Hopper (``docs/gemm-rewrite-plan.md``).
   pieces of their low-rank prologue);
 * ``split_kernels``: shrink and dA with the dropout mask (``masked_tiles``: the mask and the TMA ring);
 * ``ds_db``: dS and dB from one read of dY (the same TMA ring);
-* ``kernel_set``: the ``"gluon"`` kernel set (those kernels where they apply, the Triton kernels
-  elsewhere); ``kernels="auto"`` picks it for bf16 with CUDA graphs on Hopper
-  (``backend.kernel_set_for``).
+* ``kernel_set``: the ``"gluon"`` kernel set (split kernels and ds_db where they apply, the Triton
+  kernels elsewhere, the fused GEMMs included); ``kernels="auto"`` picks it for bf16 with CUDA graphs
+  on Hopper (``backend.kernel_set_for``);
+* ``gemm_set``: the ``"gluon-gemms"`` kernel set (``"gluon"`` with the ``lora_gemm`` GEMMs: faster on a
+  cool GPU, slower at the power cap).
 
 Measured by ``benchmarks/gemm_check.py`` (``docs/kernel-notes/fused-gemms.md``). Gluon has no
 interpreter: these kernels run on a GPU only, written against the Gluon API of Triton 3.6.

@@ -1,18 +1,17 @@
 """The ``"gluon"`` kernel set (``options={"kernels": "gluon"}``; ``"auto"`` picks it for bf16 with CUDA
-graphs on Hopper, ``backend.kernel_set_for``): the ``"triton"`` set with its two fused GEMMs,
-``base_expand`` and ``dx``, run by the warp-specialised Gluon kernels of ``lora_gemm`` wherever those
-apply, ``shrink`` and ``da`` by the one of ``split_kernels`` (``split_applies``: r ≤ 64, unless p = 0
-and r ≥ 32, where cuBLAS is faster: ``dense_products``), and as the
-``"triton"`` set (``triton_set``: ``tl`` kernels or cuBLAS matmuls) everywhere else.
+graphs on Hopper, ``backend.kernel_set_for``): the ``"triton"`` set with its memory-bound kernels in Gluon
+where they apply: ``shrink`` and ``da`` by ``split_kernels`` (``split_applies``: r ≤ 64, unless p = 0 and
+r ≥ 32, where cuBLAS is faster: ``dense_products``), ``ds_db`` by ``gluon/ds_db.py`` (``ds_db_applies``:
+r ≤ 32, atomics allowed). At p > 0 the op has the Gluon shrink store the mask as keep bits for the
+backward where ``saves_keep_bits`` (the Gluon dA then reads them). Everything else is the ``"triton"`` set's
+(``triton_set``: ``tl`` kernels or cuBLAS matmuls): the deterministic ``ds_db`` and ``da``, the
+multi-adapter launchers, and the two fused GEMMs ``base_expand`` and ``dx``.
 
-Gluon applies to a call when it runs on a Hopper GPU with non-empty activations, weight and output in
-bfloat16 and the adapters in bfloat16 or float32 (rounded to bf16 first, as the Triton kernels
-round them), row-major with sizes that are multiples of 8, a rank in ``lora_gemm.SUPPORTED_RANKS``,
-a weight given, and (dx) the dropout mask given as keep bits when p > 0, with a ring still
-``lora_gemm.MIN_DX_STAGES`` deep beside them (not at r = 64). ``ds_db`` runs in Gluon where
-``ds_db_applies`` (``gluon/ds_db.py``: r ≤ 32, atomics allowed). The deterministic ``ds_db`` and
-``da`` and the multi-adapter launchers are the ``"triton"`` set's. At p > 0 the op has the Gluon shrink
-store the mask as keep bits for the backward where ``saves_keep_bits`` (the Gluon dA then reads them).
+The fused GEMMs stay Triton's because of power, not speed: on an H200 at its 700 W cap (where a training
+step runs) a kernel's time is its energy ÷ the cap, and the warp-specialised Gluon GEMMs (``lora_gemm``),
+faster on a cool GPU, spend up to 6% more energy per GEMM than the ``tl`` ones at 4096 tokens; the 8-layer
+LLaMa-8B step ran 0.933× the floor with them against 0.954× without (BENCHMARKS.md, twenty-second
+session). The ``"gluon-gemms"`` set (``gemm_set``) runs them.
 """
 
 from __future__ import annotations
@@ -23,10 +22,10 @@ from ...ops.dropout_mask import KEEP_BITS_MAX_RANK, drop_threshold
 from .. import dense_products as _dense
 from .. import triton_set as _tl
 from ..kernels import _tma_rows
-from ..triton_set import multi_backward, multi_forward
+from ..triton_set import base_expand, dx, multi_backward, multi_forward
 
-__all__ = ["base_expand", "da", "ds_db", "ds_db_applies", "dx", "gluon_applies", "multi_backward", "multi_forward",
-           "saves_keep_bits", "shrink", "split_applies"]
+__all__ = ["base_expand", "da", "ds_db", "ds_db_applies", "dx", "multi_backward", "multi_forward", "saves_keep_bits",
+           "shrink", "split_applies"]
 
 
 def _hopper(t: torch.Tensor) -> bool:
@@ -37,35 +36,6 @@ _ADAPTER_DTYPES = (torch.bfloat16, torch.float32)
 """Low-rank operands may be fp32 (PEFT's default adapters): they are rounded to bf16 as the Triton
 kernels round them before their dots (bitwise the same products), in the Gluon kernels themselves
 (``lora_gemm._right_operand``, ``fp32_low_is_free``) or by a cast before the launch."""
-
-
-def _tma_ok(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
-    """2-D, of one of ``dtypes``, both sizes multiples of 8; a bf16 one row-major with 16-byte aligned
-    rows (what the TMA descriptors need; an fp32 one the kernel reads itself, ``lora_gemm._right_operand``)."""
-    if t.dtype not in dtypes or t.dim() != 2 or t.shape[0] % 8 or t.shape[1] % 8:
-        return False
-    return t.dtype != torch.bfloat16 or _tma_rows(t)
-
-
-def gluon_applies(kernel: str, *, a: torch.Tensor, weight: torch.Tensor | None, low: torch.Tensor,
-                  right: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
-                  p: float = 0.0, keep_bits: torch.Tensor | None = None) -> bool:
-    """Whether ``kernel`` ("base_expand" or "dx") runs in Gluon for these operands: ``a`` = x or dY,
-    ``low`` = S or dS [M, r], ``right`` = B [N, r] or A [r, K]."""
-    from .lora_gemm import SUPPORTED_RANKS, bias_ok, deep_ring
-
-    if weight is None or out_dtype != torch.bfloat16 or not _hopper(a) or low.shape[1] not in SUPPORTED_RANKS:
-        return False
-    if a.numel() == 0 or weight.numel() == 0:  # no TMA descriptor for an empty tensor: the Triton kernels
-        return False
-    if not (_tma_ok(a) and _tma_ok(weight) and _tma_ok(right, _ADAPTER_DTYPES)):
-        return False
-    if kernel == "base_expand":
-        return _tma_ok(low, _ADAPTER_DTYPES) and bias_ok(bias, weight.shape[0])
-    # dS (fp32, from ds_db) is rounded to bf16 by lora_gemm; keep bits exist exactly when p > 0, and with
-    # them the ring must stay deep (r=64: the Triton dX is faster)
-    return (low.dtype in _ADAPTER_DTYPES and _tma_rows(low) and (p == 0.0) == (keep_bits is None)
-            and (keep_bits is None or deep_ring(low.shape[1], bits_tma=_tma_rows(keep_bits))))
 
 
 def split_applies(x: torch.Tensor, low: torch.Tensor, *, rank_dim: int, deterministic: bool = False) -> bool:
@@ -138,26 +108,3 @@ def da(x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, p: float, a_dtype:
 
         return gluon_da(x, ds, seed, p, a_dtype, keep_bits=keep_bits, stored_bits=stored_bits)
     return _tl.da(x, ds, seed, p, a_dtype, deterministic=deterministic, keep_bits=keep_bits, stored_bits=stored_bits)
-
-
-def base_expand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, s_act: torch.Tensor,
-                lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """``kernels.base_expand``, in Gluon where ``gluon_applies``."""
-    if gluon_applies("base_expand", a=x, weight=weight, low=s_act, right=lora_b, out_dtype=out_dtype, bias=bias):
-        from .lora_gemm import base_expand as gluon_base_expand
-
-        # an fp32 S (shrink's, PEFT's fp32 adapters) is rounded by lora_gemm, in the kernel where that is free
-        s_in = s_act if _tma_rows(s_act) else s_act.to(torch.bfloat16)
-        return gluon_base_expand(x, weight, bias, s_in, lora_b, scale, out_dtype)
-    return _tl.base_expand(x, weight, bias, s_act, lora_b, scale, out_dtype)
-
-
-def dx(dy: torch.Tensor, weight: torch.Tensor | None, ds: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor,
-       p: float, out_dtype: torch.dtype, *, keep_bits: torch.Tensor | None = None) -> torch.Tensor:
-    """``kernels.dx``, in Gluon where ``gluon_applies`` (then the mask comes from ``keep_bits``)."""
-    if gluon_applies("dx", a=dy, weight=weight, low=ds, right=lora_a, out_dtype=out_dtype, p=p, keep_bits=keep_bits):
-        from .lora_gemm import dx as gluon_dx
-
-        return gluon_dx(dy, weight, ds, lora_a, p, out_dtype, keep_bits=keep_bits)
-    return _tl.dx(dy, weight, ds, lora_a, seed, p, out_dtype, keep_bits=keep_bits)
-
