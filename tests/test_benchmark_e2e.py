@@ -1,14 +1,33 @@
-"""CPU test of benchmarks/e2e.py's ``--interleave`` bookkeeping (models and GPU calls mocked): every
-variant is built and warmed up first, then timed round-robin, and each row's ratio uses the floor."""
+"""CPU tests of benchmarks/e2e.py (models and GPU calls mocked): the ``--interleave`` and ``--sustained``
+bookkeeping (every variant built and warmed up first, then timed round-robin or in phases, each row's ratio
+against the floor), and the backend options each variant name sets."""
 
 import json
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _without_gpu(monkeypatch):
+    """torch.cuda's memory, sync and name calls answered on the host (1 GiB peak)."""
+    for name, value in (("memory_allocated", lambda: 0), ("max_memory_allocated", lambda: 2**30),
+                        ("synchronize", lambda: None), ("reset_peak_memory_stats", lambda: None),
+                        ("get_device_name", lambda: "mock")):
+        monkeypatch.setattr(torch.cuda, name, value)
+
+
+def _tiny_models(monkeypatch, e2e):
+    """``e2e.build_step``'s models replaced by one Linear (its own input embeddings), PEFT wrapping a no-op."""
+    class Base(torch.nn.Linear):
+        def get_input_embeddings(self):
+            return self
+    monkeypatch.setattr(e2e, "build_base", lambda layers: Base(4, 4))
+    monkeypatch.setattr(e2e, "with_lora", lambda model, **k: model)
 
 
 def test_interleave_builds_all_then_times_round_robin(monkeypatch, capsys):
@@ -31,10 +50,7 @@ def test_interleave_builds_all_then_times_round_robin(monkeypatch, capsys):
     monkeypatch.setattr(e2e, "build_step", fake_build)
     monkeypatch.setattr(e2e, "new_ids", lambda args: torch.zeros(args.tokens // args.seq, args.seq, dtype=torch.long))
     monkeypatch.setattr(timing, "CudaEventTimer", timing.WallTimer)  # no GPU: host clock
-    for name, value in (("memory_allocated", lambda: 0), ("max_memory_allocated", lambda: 2**30),
-                        ("synchronize", lambda: None), ("reset_peak_memory_stats", lambda: None),
-                        ("get_device_name", lambda: "mock")):
-        monkeypatch.setattr(torch.cuda, name, value)
+    _without_gpu(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["e2e.py", "--layers", "1", "--tokens", "16", "--seq", "8", "--dropout", "0.1", "0.0",
                                       "--variants", "floor+cg", "ours+cg", "ours+ovl+cg", "--interleave",
                                       "--steps", "4", "--warmup", "2"])
@@ -64,11 +80,7 @@ def test_cast_variant_records_its_steps_with_the_gemms_casting_fp32_operands(mon
 
     seen = []
     monkeypatch.setattr(e2e, "make_step", lambda *a, **k: lambda ids: seen.append(lora_gemm.R_FP32_MAX_RANK))
-    class Base(torch.nn.Linear):
-        def get_input_embeddings(self):
-            return self
-    monkeypatch.setattr(e2e, "build_base", lambda layers: Base(4, 4))
-    monkeypatch.setattr(e2e, "with_lora", lambda model, **k: model)
+    _tiny_models(monkeypatch, e2e)
     monkeypatch.setattr(torch, "compile", lambda model, **k: model)
     default = lora_gemm.R_FP32_MAX_RANK
     assert default > 0
@@ -86,10 +98,7 @@ def test_sustained_times_each_variant_in_phases_and_takes_the_median_round(monke
 
     monkeypatch.setattr(e2e, "build_step", lambda p, variant, layers: lambda ids: None)
     monkeypatch.setattr(e2e, "new_ids", lambda args: torch.zeros(1, 8, dtype=torch.long))
-    for name, value in (("memory_allocated", lambda: 0), ("max_memory_allocated", lambda: 2**30),
-                        ("synchronize", lambda: None), ("reset_peak_memory_stats", lambda: None),
-                        ("get_device_name", lambda: "mock")):
-        monkeypatch.setattr(torch.cuda, name, value)
+    _without_gpu(monkeypatch)
     phase_us = {"(None, 'floor+cg')": [70e3, 71e3, 69e3], "(0.0, 'ours+cg')": [74e3, 80e3, 73e3]}
     calls = []
 
@@ -113,7 +122,6 @@ def test_sustained_times_each_variant_in_phases_and_takes_the_median_round(monke
 def test_sustained_rejects_a_phase_too_short_to_sample(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import e2e
-    import pytest
 
     monkeypatch.setattr(sys, "argv", ["e2e.py", "--sustained", "0.1"])
     with pytest.raises(SystemExit):
@@ -126,12 +134,8 @@ def test_variant_names_set_the_backend_options(monkeypatch):
 
     seen = []
 
-    class Base(torch.nn.Linear):
-        def get_input_embeddings(self):
-            return self
     monkeypatch.setattr(e2e, "make_step", lambda *a, **k: None)
-    monkeypatch.setattr(e2e, "build_base", lambda layers: Base(4, 4))
-    monkeypatch.setattr(e2e, "with_lora", lambda model, **k: model)
+    _tiny_models(monkeypatch, e2e)
     monkeypatch.setattr(torch, "compile", lambda model, **k: seen.append(k.get("options")) or model)
     for variant in ("ours+cg", "ours+noshare+gluon-gemms+cg", "ours+gluon+ovl", "ours+triton+cg"):
         e2e.build_step(0.0, variant, 1)

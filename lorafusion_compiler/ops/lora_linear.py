@@ -11,8 +11,9 @@ read it.
 
 The op owns its autograd (``register_autograd``), so AOTAutograd and Inductor treat it
 as one opaque node in the forward and one in the backward graph. Which code computes
-the five kernels is chosen by the ``kernels`` argument: ``"torch"`` (``reference``)
-or ``"triton"`` (``lorafusion_compiler.codegen``).
+the five kernels is chosen by the ``kernels`` argument, one of ``kernel_set.KERNEL_SETS``:
+``"torch"`` (``reference``), ``"triton"`` (``lorafusion_compiler.codegen``), or the Gluon sets
+``"gluon"`` and ``"gluon-gemms"`` (``lorafusion_compiler.codegen.gluon``).
 """
 
 from __future__ import annotations

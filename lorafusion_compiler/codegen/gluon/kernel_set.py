@@ -35,7 +35,8 @@ def _hopper(t: torch.Tensor) -> bool:
 _ADAPTER_DTYPES = (torch.bfloat16, torch.float32)
 """Low-rank operands may be fp32 (PEFT's default adapters): they are rounded to bf16 as the Triton
 kernels round them before their dots (bitwise the same products), in the Gluon kernels themselves
-(``lora_gemm._right_operand``, ``fp32_low_is_free``) or by a cast before the launch."""
+(the split kernels and ds_db round their tiles in shared memory; the ``"gluon-gemms"`` GEMMs:
+``lora_gemm._right_operand``, ``fp32_low_is_free``) or by a cast before the launch."""
 
 
 def split_applies(x: torch.Tensor, low: torch.Tensor, *, rank_dim: int, deterministic: bool = False) -> bool:
