@@ -2,7 +2,7 @@
 
 On the GPU the first call of a (kernel, spec, shape bucket) times every configuration (CUDA
 events around queued calls, cold L2, median, best of ``TUNE_ROUNDS`` interleaved rounds) and
-keeps the fastest; later calls only look the choice up, so nothing is host-synchronised per
+keeps the fastest (the fused GEMMs, ``UNTIMED_KERNELS``, keep their first configuration that fits); later calls only look the choice up, so nothing is host-synchronised per
 call. Under TRITON_INTERPRET=1 (no driver, no timing) and during CUDA-graph capture one fixed
 configuration is used. ``LORAFUSION_TUNE_MAX=n`` limits tuning to the first n candidates
 (quick benchmark runs: less compile time). Candidates whose operand ring alone would overflow the
@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["SPLIT_KERNELS", "TileConfig", "cdiv", "configs", "grid_programs", "interpreting", "next_pow2", "num_sms", "run_tuned",
-           "shape_bucket", "tuned_choices"]
+__all__ = ["SPLIT_KERNELS", "UNTIMED_KERNELS", "TileConfig", "cdiv", "configs", "grid_programs", "interpreting", "next_pow2",
+           "num_sms", "run_tuned", "shape_bucket", "tuned_choices"]
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,8 @@ def _configs(kernel: str, rank_bucket: int) -> list[TileConfig]:
         }[_family(kernel)]]
     big = rank_bucket >= 128
     if kernel in ("base_expand", "dx"):
-        # Persistent first (the fallback): on H100 it was as fast as or faster than one program per
-        # tile in 4 of 5 base_expand shapes of a forced-config probe (M = 4096/8192), and the tuner
-        # picks it for every shape of the layer and e2e benchmarks (docs/kernel-notes/fused-gemms.md)
+        # Persistent first: these kernels are not timed (UNTIMED_KERNELS), the first config that fits runs;
+        # the rest are fallbacks for tiles that overflow shared memory (fp32 operands, large ranks)
         return [
             _c(8, 3, BLOCK_M=128, BLOCK_P=256, BLOCK_Q=64, GROUP_M=8, persistent=True),
             _c(8, 4, BLOCK_M=128, BLOCK_P=256, BLOCK_Q=64, GROUP_M=8, persistent=True),
@@ -214,7 +213,7 @@ def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: i
     fit, overflow = _split_by_predicted_fit(kernel, configs(kernel, rank_bucket), operand_bytes)
     everything = fit + overflow  # the estimate orders, it never removes a configuration
     candidates = fit or overflow
-    limit = int(os.environ.get("LORAFUSION_TUNE_MAX", "0") or 0)
+    limit = 1 if kernel in UNTIMED_KERNELS else int(os.environ.get("LORAFUSION_TUNE_MAX", "0") or 0)
     if limit > 0:  # quick tuning (benchmark scripts): only the first ``limit`` candidates
         candidates = candidates[:limit]
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -244,6 +243,15 @@ def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: i
     _CHOICES[key] = best
     return launch(best)
 
+
+UNTIMED_KERNELS = ("base_expand", "dx")
+"""Kernels that take their first configuration that fits instead of the fastest one timed: the fused GEMMs,
+whose first configuration is the persistent 128x256 tile. Timed on a cool GPU, the tuner picked one program
+per tile for some shapes (k/v base_expand, q/o dX, the down projection's dX with keep bits); a training step
+runs at the GPU's power cap, where time follows energy, and there the persistent tile for every GEMM ran the
+8-layer step faster at p = 0.1 (speed ÷ floor 0.945 0.942 0.941 vs 0.939 0.939 0.938, three rounds) and level at
+p = 0 (twenty-third session, H200; docs/kernel-notes/fused-gemms.md). The other GEMM configurations remain
+fallbacks for operands whose tiles do not fit shared memory."""
 
 TUNE_ROUNDS = 2
 """Candidates are timed in interleaved rounds and keep their best round: GPU clocks drift by up to

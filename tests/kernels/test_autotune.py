@@ -156,11 +156,14 @@ def test_ring_bytes_counts_the_stages_of_the_main_operand_tiles():
     assert ring_bytes("ds_db", TileConfig((("BLOCK_M", 128), ("BLOCK_N", 64)), 8, 4), 2) == 4 * 128 * 64 * 2
 
 
-def _tune_gemm(monkeypatch, cands, *, operand_bytes: int, tune_max: int = 0, fails=()):
+def _tune_gemm(monkeypatch, cands, *, operand_bytes: int, tune_max: int = 0, fails=(), timed: bool = True):
     """run_tuned("dx") over ``cands`` on a fake GPU with H100's shared memory; launches of configs in
-    ``fails`` run out of resources. Returns (result, configs launched in order)."""
+    ``fails`` run out of resources. ``timed``: dX is tuned like the split kernels (not in ``UNTIMED_KERNELS``),
+    for the tests of the shared-memory estimate. Returns (result, configs launched in order)."""
     from lorafusion_compiler.codegen import autotune
 
+    if timed:
+        monkeypatch.setattr(autotune, "UNTIMED_KERNELS", ())
     monkeypatch.setattr(autotune, "configs", lambda kernel, rb: tuple(cands))
     monkeypatch.setattr(autotune, "_CHOICES", {})
     monkeypatch.setattr(autotune, "_smem_limit", lambda: 232448)
@@ -200,3 +203,18 @@ def test_the_estimate_only_orders_a_config_that_might_fit_after_all_is_still_tri
     # the predicted-to-fit ones fail to launch: the others are tried before giving up
     result, launched = _tune_gemm(monkeypatch, [big, small], operand_bytes=4, fails=(small,))
     assert result == big and launched[-1] == big
+
+
+def test_fused_gemms_keep_their_first_config_that_fits_untimed(monkeypatch):
+    """base_expand and dX are not timed (``UNTIMED_KERNELS``): the first config that fits is launched and kept,
+    even where a later one would time faster (the wider tile, here), and even without LORAFUSION_TUNE_MAX."""
+    from lorafusion_compiler.codegen import autotune
+
+    small, big = _gemm_cfg(128, 128, 3), _gemm_cfg(128, 256, 3)
+    result, launched = _tune_gemm(monkeypatch, [small, big], operand_bytes=2, timed=False)
+    assert result == small and launched == [small]
+    assert autotune.tuned_choices() == {("dx", "key", 1024, (16, 16)): small}
+    # fp32 operands: the first config predicted to fit comes first
+    result, launched = _tune_gemm(monkeypatch, [big, small], operand_bytes=4, timed=False)
+    assert result == small and launched == [small]
+    assert set(autotune.UNTIMED_KERNELS) == {"base_expand", "dx"}
