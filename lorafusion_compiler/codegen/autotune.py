@@ -2,8 +2,8 @@
 
 On the GPU the first call of a (kernel, spec, shape bucket) times every configuration (CUDA
 events around queued calls, cold L2, median, best of ``TUNE_ROUNDS`` interleaved rounds) and
-keeps the fastest (the fused GEMMs, ``UNTIMED_KERNELS``, keep their first configuration that fits); later calls only look the choice up, so nothing is host-synchronised per
-call. Under TRITON_INTERPRET=1 (no driver, no timing) and during CUDA-graph capture one fixed
+keeps the fastest (the fused GEMMs, ``UNTIMED_KERNELS``, keep their first configuration that
+fits); later calls only look the choice up, so nothing is host-synchronised per call. Under TRITON_INTERPRET=1 (no driver, no timing) and during CUDA-graph capture one fixed
 configuration is used. ``LORAFUSION_TUNE_MAX=n`` limits tuning to the first n candidates
 (quick benchmark runs: less compile time). Candidates whose operand ring alone would overflow the
 GPU's shared memory (``ring_bytes``: fp32 operands in tiles sized for 16-bit ones) are tried only if
@@ -92,13 +92,12 @@ def _configs(kernel: str, rank_bucket: int) -> list[TileConfig]:
         }[_family(kernel)]]
     big = rank_bucket >= 128
     if kernel in ("base_expand", "dx"):
-        # Persistent first: these kernels are not timed (UNTIMED_KERNELS), the first config that fits runs;
-        # the rest are fallbacks for tiles that overflow shared memory (fp32 operands, large ranks)
+        # Not timed (UNTIMED_KERNELS): the first config that fits runs. The others are fallbacks where it
+        # overflows shared memory (fp32 operands, large ranks): other tile shapes, smaller ones last. The
+        # 128x256 tile with more stages, or launched per tile (the same kernel binary), could never run
+        # where the persistent s3 one does not, so they are not listed
         return [
             _c(8, 3, BLOCK_M=128, BLOCK_P=256, BLOCK_Q=64, GROUP_M=8, persistent=True),
-            _c(8, 4, BLOCK_M=128, BLOCK_P=256, BLOCK_Q=64, GROUP_M=8, persistent=True),
-            _c(8, 3, BLOCK_M=128, BLOCK_P=256, BLOCK_Q=64, GROUP_M=8),
-            _c(8, 4, BLOCK_M=128, BLOCK_P=256, BLOCK_Q=64, GROUP_M=8),
             _c(8, 3, BLOCK_M=256, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8),
             _c(8, 4, BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8),
             _c(4, 4, BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8),
@@ -214,7 +213,7 @@ def run_tuned(kernel: str, spec_key: str, shape: tuple[int, ...], rank_bucket: i
     everything = fit + overflow  # the estimate orders, it never removes a configuration
     candidates = fit or overflow
     limit = 1 if kernel in UNTIMED_KERNELS else int(os.environ.get("LORAFUSION_TUNE_MAX", "0") or 0)
-    if limit > 0:  # quick tuning (benchmark scripts): only the first ``limit`` candidates
+    if limit > 0:  # untimed, or quick tuning (benchmark scripts): only the first ``limit`` candidates
         candidates = candidates[:limit]
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     if len(candidates) == 1 or capturing:
